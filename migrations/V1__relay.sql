@@ -255,29 +255,48 @@ SELECT t.tgrelid::regclass AS table_name,
 FROM pg_trigger t
 WHERE t.tgname = 'relay_capture_insert';
 
--- The frames of one scope after a seq, in seq order, at most p_limit of
--- them: the single read path of live delivery, resume and gap fill. A
--- caller that gets p_limit rows asks again from the last seq it got, so a
--- backlog streams in batches and is never held whole in memory.
--- Cost: one primary-key range scan.
-CREATE OR REPLACE FUNCTION relay.frames_after(p_scope text, p_after bigint, p_limit int DEFAULT 500)
-RETURNS TABLE (seq bigint, frame text)
+-- The frames of one scope after a seq, in seq order: the single read path
+-- of live delivery, resume and gap fill. At most p_limit rows and about
+-- p_max_bytes of frames (always at least one row, however large), so a
+-- reader's memory stays bounded whatever the rows' size; a caller that got
+-- a full batch asks again from the last seq it got, so a backlog streams in
+-- batches and is never held whole in memory.
+-- Cost: one primary-key range scan; rows past the byte budget are rendered
+-- and dropped, which only happens with very large rows.
+CREATE OR REPLACE FUNCTION relay.frames_after(
+    p_scope     text,
+    p_after     bigint,
+    p_limit     int    DEFAULT 500,
+    p_max_bytes bigint DEFAULT 4194304
+) RETURNS TABLE (seq bigint, created_at timestamptz, frame text)
 LANGUAGE sql STABLE AS $$
-    SELECT e.seq, relay.render(e, true)
-    FROM relay.events e
-    WHERE e.scope = p_scope AND e.seq > p_after
-    ORDER BY e.seq
-    LIMIT greatest(p_limit, 0)
+    WITH batch AS (
+        SELECT e.seq, e.created_at, relay.render(e, true) AS frame
+        FROM relay.events e
+        WHERE e.scope = p_scope AND e.seq > p_after
+        ORDER BY e.seq
+        LIMIT greatest(p_limit, 1)
+    ), sized AS (
+        SELECT b.*, sum(octet_length(b.frame)) OVER (ORDER BY b.seq) - octet_length(b.frame) AS bytes_before
+        FROM batch b
+    )
+    SELECT s.seq, s.created_at, s.frame FROM sized s
+    WHERE s.bytes_before < greatest(p_max_bytes, 1)
+    ORDER BY s.seq
 $$;
 
--- The same for many scopes in one round trip (at most p_limit per scope),
+-- The same for many scopes in one round trip (each with its own limits),
 -- so a burst of notices across scopes costs one query.
-CREATE OR REPLACE FUNCTION relay.frames_after_many(p_scopes text[], p_after bigint[], p_limit int DEFAULT 500)
-RETURNS TABLE (scope text, seq bigint, frame text)
+CREATE OR REPLACE FUNCTION relay.frames_after_many(
+    p_scopes    text[],
+    p_after     bigint[],
+    p_limit     int    DEFAULT 500,
+    p_max_bytes bigint DEFAULT 4194304
+) RETURNS TABLE (scope text, seq bigint, created_at timestamptz, frame text)
 LANGUAGE sql STABLE AS $$
-    SELECT w.scope, f.seq, f.frame
+    SELECT w.scope, f.seq, f.created_at, f.frame
     FROM unnest(p_scopes, p_after) AS w(scope, after_seq)
-    CROSS JOIN LATERAL relay.frames_after(w.scope, w.after_seq, p_limit) f
+    CROSS JOIN LATERAL relay.frames_after(w.scope, w.after_seq, p_limit, p_max_bytes) f
     ORDER BY w.scope, f.seq
 $$;
 

@@ -3,8 +3,7 @@
 //!
 //! # Layout
 //!
-//! The database does the capturing; this crate installs it and, in later
-//! layers, relays it. Data moves in this order:
+//! The database does the capturing; this crate installs it and relays it. Data moves in this order:
 //!
 //! - `migrations/` (SQL, installed by [`schema`]): triggers give every
 //!   change of a tracked table a per-scope `seq`, append it to the event
@@ -12,11 +11,31 @@
 //! - [`schema`]: the embedded migrations and the install SQL for psql.
 //! - [`embedded_pg`]: a private Postgres from the local server binaries,
 //!   for `pgrelay serve` without `DATABASE_URL` and for the tests.
+//! - [`listener`]: the one LISTEN connection; turns notices into hints
+//!   (scope, seq), proves itself with a self-addressed probe, reconnects.
+//! - [`log`]: reads frames from the event log, the only source of what is
+//!   sent; live delivery, resume and gap fill share it.
+//! - [`hub`]: scope -> topic (ring of recent frames) -> subscribers; the
+//!   fetcher that reads many dirty topics per query; the poller.
+//! - [`session`]: one WebSocket: subscriptions, cursors, catch-up from the
+//!   log for clients that fall behind.
+//! - [`protocol`]: client frames in, control frames out, close codes.
+//! - [`auth`]: JWT verification; [`http`]: routes; [`metrics`]: counters
+//!   for `/metrics`; [`server`]: wiring and shutdown.
 //! - [`demo`]: the demo project seeded into a private database.
 //!
 //! See `DESIGN.md` of the project for the guarantees (G1 to G7) each layer
 //! upholds.
 
+pub mod auth;
 pub mod demo;
 pub mod embedded_pg;
+pub mod http;
+pub mod hub;
+pub mod listener;
+pub mod log;
+pub mod metrics;
+pub mod protocol;
 pub mod schema;
+pub mod server;
+pub mod session;

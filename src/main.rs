@@ -2,10 +2,13 @@
 //! library takes what it needs as arguments.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use pgrelay::auth::Authenticator;
 use pgrelay::embedded_pg::{PgOptions, PgServer};
+use pgrelay::server::{self, RelayConfig};
 use pgrelay::{demo, schema};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -36,9 +39,21 @@ enum Cmd {
         #[arg(long)]
         relay_only: bool,
     },
+    /// Print a client token signed with the configured secret (for
+    /// development and tests).
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime, e.g. 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: String,
+    },
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Database to use; without it a private Postgres is started.
     #[arg(long, env = "DATABASE_URL")]
@@ -47,12 +62,59 @@ struct ServeArgs {
     /// (removed on exit) when not set.
     #[arg(long, env = "PGRELAY_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Address and port to serve on.
+    #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// HS256 secret for client tokens. Required with DATABASE_URL; the
+    /// private demo mode makes a random one and prints tokens.
+    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// The NOTIFY channel the capture triggers use.
+    #[arg(long, env = "PGRELAY_CHANNEL", default_value = "cache_invalidate")]
+    channel: String,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        // The same defaults as the flags, environment included.
+        ServeArgs::parse_from(["serve"])
+    }
+}
+
+#[derive(Parser)]
+struct ServeOnly {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+impl ServeArgs {
+    fn parse_from<const N: usize>(argv: [&str; N]) -> Self {
+        ServeOnly::parse_from(argv).args
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("unknown unit {unit:?}; use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
 }
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -68,12 +130,22 @@ fn main() -> anyhow::Result<()> {
             print!("{}", schema::install_sql(!relay_only));
             Ok(())
         }
+        Cmd::Token {
+            user,
+            ttl,
+            jwt_secret,
+        } => {
+            let auth = Authenticator::hs256(jwt_secret.as_bytes(), Duration::ZERO);
+            println!("{}", auth.issue(&user, ttl)?);
+            Ok(())
+        }
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Keep the private server alive for as long as we serve.
     let mut _private_pg = None;
+    let private = args.database_url.is_none();
     let database_url = match args.database_url {
         Some(url) => {
             schema::migrate(&url)
@@ -90,8 +162,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .await
                 .context("starting the private Postgres")?
                 .context("starting the private Postgres")?;
-            let admin_url = pg.url("postgres");
-            create_database(&admin_url, "pgrelay").await?;
+            create_database(&pg.url("postgres"), "pgrelay").await?;
             let url = pg.url("pgrelay");
             schema::migrate(&url)
                 .await
@@ -102,21 +173,55 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             drop(client);
             let _ = conn_task.await;
             tracing::info!(port = pg.port(), log = %pg.log_path().display(), "private Postgres ready");
-            println!("Private Postgres with the pgrelay schema and a demo project is running.");
-            println!("  psql {url}");
-            println!(
-                "  demo project: {} with members {}",
-                demo::DEMO_PROJECT,
-                demo::DEMO_USERS.join(", ")
-            );
             _private_pg = Some(pg);
             url
         }
     };
-    tracing::info!(database = %redact(&database_url), "ready; press Ctrl-C to stop");
+    let jwt_secret = match args.jwt_secret {
+        Some(secret) if !secret.is_empty() => secret,
+        _ if private => random_secret(),
+        _ => anyhow::bail!(
+            "PGRELAY_JWT_SECRET (or --jwt-secret) is required with DATABASE_URL: \
+             it is the HS256 key that client tokens are checked with"
+        ),
+    };
+    let socket = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let mut config = RelayConfig::new(database_url.clone(), jwt_secret.as_bytes().to_vec());
+    config.channel = args.channel;
+    let relay = server::start(config, socket).await?;
+    let addr = relay.addr;
+    if private {
+        let auth = Authenticator::hs256(jwt_secret.as_bytes(), Duration::ZERO);
+        println!("pgrelay is running with a private Postgres and a demo project.");
+        println!("  psql {database_url}");
+        println!("  WebSocket: ws://{addr}/ws?token=<token>");
+        for user in demo::DEMO_USERS {
+            println!(
+                "  token for {user} (24h): {}",
+                auth.issue(user, Duration::from_secs(86_400))?
+            );
+        }
+        println!(
+            "  then send {{\"action\":\"subscribe\",\"project_id\":\"{}\"}} and write to chat.messages with psql",
+            demo::DEMO_PROJECT
+        );
+    }
+    tracing::info!(database = %redact(&database_url), %addr, "ready; press Ctrl-C to stop");
     wait_for_shutdown().await?;
     tracing::info!("shutting down");
+    relay.shutdown().await;
     Ok(())
+}
+
+/// A secret for the private demo mode, which has no configuration.
+fn random_secret() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..32)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
 }
 
 async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {

@@ -165,3 +165,193 @@ impl Notices {
             .unwrap_or_else(|e| panic!("notice {payload:?} is not JSON: {e}"))
     }
 }
+
+// ---------------------------------------------------------------------
+// The relay, in-process, and real WebSocket clients.
+
+use futures_util::{SinkExt, StreamExt};
+use pgrelay::auth::Authenticator;
+use pgrelay::server::{RelayConfig, RelayHandle};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const SECRET: &[u8] = b"test-secret";
+
+/// Test timings: faster polling and probing than production, same logic.
+pub fn relay_config(url: &str) -> RelayConfig {
+    let mut c = RelayConfig::new(url, SECRET.to_vec());
+    c.poll_interval = Duration::from_millis(100);
+    c.resync_interval = Duration::from_secs(2);
+    c.probe_interval = Duration::from_secs(2);
+    c.shutdown_grace = Duration::from_secs(3);
+    c
+}
+
+/// Starts a relay on 127.0.0.1:0 and waits until it LISTENs.
+pub async fn start_relay(config: RelayConfig) -> RelayHandle {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binding 127.0.0.1:0");
+    let mut relay = pgrelay::server::start(config, socket)
+        .await
+        .expect("starting the relay");
+    tokio::time::timeout(Duration::from_secs(20), relay.wait_listening())
+        .await
+        .expect("the relay did not start listening");
+    relay
+}
+
+pub fn token(user: &str) -> String {
+    Authenticator::hs256(SECRET, Duration::ZERO)
+        .issue(user, Duration::from_secs(3600))
+        .expect("signing a token")
+}
+
+/// Creates a project and its members by raw SQL.
+pub async fn seed_project(c: &Client, project: &str, members: &[&str]) {
+    c.execute(
+        "INSERT INTO chat.projects (id, name) VALUES ($1, $1)",
+        &[&project],
+    )
+    .await
+    .expect("creating a project");
+    for m in members {
+        c.execute(
+            "INSERT INTO chat.project_members (project_id, user_id) VALUES ($1, $2)",
+            &[&project, m],
+        )
+        .await
+        .expect("adding a member");
+    }
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A real WebSocket client of the relay.
+pub struct WsClient {
+    pub ws: Ws,
+}
+
+impl WsClient {
+    pub async fn connect(addr: std::net::SocketAddr, user: &str) -> WsClient {
+        let url = format!("ws://{addr}/ws?token={}", token(user));
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connect");
+        WsClient { ws }
+    }
+
+    pub async fn send_json(&mut self, v: serde_json::Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .expect("sending a frame");
+    }
+
+    /// The next text frame as JSON; `None` on timeout. Panics on close.
+    pub async fn try_next_json(&mut self, timeout: Duration) -> Option<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    return Some(serde_json::from_str(&t).expect("relay frames are JSON"))
+                }
+                Some(Ok(Message::Close(f))) => panic!("connection closed: {f:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("WebSocket error: {e}"),
+                None => panic!("connection ended"),
+            }
+        }
+    }
+
+    pub async fn next_json(&mut self, secs: u64) -> serde_json::Value {
+        self.try_next_json(Duration::from_secs(secs))
+            .await
+            .expect("timed out waiting for a frame")
+    }
+
+    /// Subscribes and returns the `subscribed` frame.
+    pub async fn subscribe(&mut self, project: &str, since: Option<u64>) -> serde_json::Value {
+        let mut req = serde_json::json!({"action": "subscribe", "project_id": project});
+        if let Some(s) = since {
+            req["since_seq"] = s.into();
+        }
+        self.send_json(req).await;
+        let f = self.next_json(10).await;
+        assert_eq!(f["type"], "subscribed", "expected subscribed, got {f}");
+        f
+    }
+
+    /// Collects event seqs of `project` until `last` arrives (or panics
+    /// after `secs`). Other frames are returned separately.
+    pub async fn events_until(&mut self, project: &str, last: u64, secs: u64) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let mut seqs = Vec::new();
+        while seqs.last().copied().unwrap_or(0) < last {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(f) = self.try_next_json(left).await else {
+                panic!(
+                    "timed out: got {} events of {project}, last {:?}, wanted up to {last}",
+                    seqs.len(),
+                    seqs.last()
+                );
+            };
+            if f["type"] == "cache_invalidate" && f["project_id"] == project {
+                seqs.push(f["seq"].as_u64().expect("seq"));
+            } else if f["type"] == "reset" {
+                panic!("unexpected reset: {f}");
+            }
+        }
+        seqs
+    }
+
+    /// The close frame's code, after reading whatever comes first.
+    pub async fn close_code(&mut self, secs: u64) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return None,
+                Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => return None,
+            }
+        }
+    }
+}
+
+/// Asserts `seqs` is exactly `from..=to`, once each, in order.
+pub fn assert_contiguous(seqs: &[u64], from: u64, to: u64, who: &str) {
+    let expected: Vec<u64> = (from..=to).collect();
+    if seqs != expected.as_slice() {
+        let dups = seqs.len() - {
+            let mut s = seqs.to_vec();
+            s.dedup();
+            s.len()
+        };
+        panic!(
+            "{who}: expected seq {from}..={to} ({} events), got {} events ({} duplicates), first {:?}, last {:?}",
+            expected.len(),
+            seqs.len(),
+            dups,
+            seqs.first(),
+            seqs.last()
+        );
+    }
+}
+
+/// Resident memory of this process, in KiB (Linux).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,221 @@
+//! The HTTP surface: `GET /ws` (the WebSocket upgrade), `GET /healthz`
+//! (ready only while LISTENing), `GET /metrics` (Prometheus text). Every
+//! error is a JSON body with a status, never an empty reply.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, AuthError, Authenticator};
+use crate::metrics::Metrics;
+use crate::protocol::close;
+use crate::session::{self, SessionContext};
+
+pub type Body = Full<Bytes>;
+
+/// What request handling shares.
+pub struct HttpState {
+    pub sessions: Arc<SessionContext>,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    pub listening: watch::Receiver<bool>,
+    /// Inbound WebSocket frame and message limit, in bytes.
+    pub max_frame_bytes: usize,
+    /// Ends sessions on shutdown.
+    pub shutdown: CancellationToken,
+    /// Tracks upgraded connections, which hyper no longer tracks.
+    pub tasks: TaskTracker,
+}
+
+pub async fn handle(
+    req: Request<Incoming>,
+    state: Arc<HttpState>,
+) -> Result<Response<Body>, Infallible> {
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => upgrade(req, &state),
+        (&Method::GET, "/healthz") => healthz(&state),
+        (&Method::GET, "/metrics") => metrics(&state).await,
+        (_, "/ws" | "/healthz" | "/metrics") => json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        ),
+        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    };
+    Ok(response)
+}
+
+pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, json!({"error": {"code": code, "message": message}}))
+}
+
+fn healthz(state: &HttpState) -> Response<Body> {
+    if *state.listening.borrow() {
+        json_response(StatusCode::OK, json!({"status": "ok", "listening": true}))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "unavailable", "listening": false,
+                   "message": "not LISTENing on the database; events are being polled"}),
+        )
+    }
+}
+
+async fn metrics(state: &HttpState) -> Response<Body> {
+    let usage = tokio::time::timeout(
+        Duration::from_secs(1),
+        state.sessions.log.notification_queue_usage(),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok);
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.render(usage))));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    response
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Completes the WebSocket handshake, then runs the session. A missing or
+/// bad token still gets the upgrade, then a close with the documented
+/// code: browsers cannot read the status of a refused handshake, but they
+/// can read a close code.
+fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body> {
+    if !header_has_token(&req, header::UPGRADE, "websocket")
+        || !header_has_token(&req, header::CONNECTION, "upgrade")
+    {
+        return json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket: send Connection: Upgrade, Upgrade: websocket",
+        );
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_handshake",
+            "Sec-WebSocket-Version must be 13",
+        );
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_handshake",
+            "missing Sec-WebSocket-Key",
+        );
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let verdict = match auth::token_from_request(&req) {
+        Some(token) => state.auth.verify(&token),
+        None => Err(AuthError::Missing),
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let state2 = state.clone();
+    state.tasks.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(state2.max_frame_bytes))
+            .max_frame_size(Some(state2.max_frame_bytes));
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        match verdict {
+            Ok(identity) => {
+                session::run(
+                    ws,
+                    state2.sessions.clone(),
+                    identity,
+                    state2.shutdown.clone(),
+                )
+                .await;
+            }
+            Err(e) => {
+                let code = match e {
+                    AuthError::Expired => close::TOKEN_EXPIRED,
+                    AuthError::Missing | AuthError::Invalid(_) => close::UNAUTHORIZED,
+                };
+                tracing::debug!(reason = %e, "refusing a connection");
+                let reason = e.to_string();
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: truncate_reason(&reason).into(),
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = ws.close(Some(frame)).await;
+                    // Drain until the peer answers the close (or goes).
+                    while let Some(Ok(m)) = futures_util::StreamExt::next(&mut ws).await {
+                        if matches!(m, Message::Close(_)) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    response
+}
+
+/// Close reasons are limited to 123 bytes.
+fn truncate_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}

@@ -1,0 +1,409 @@
+//! Who gets what: scope -> topic -> subscribers, and the one task that
+//! reads the log for every topic (the fetcher).
+//!
+//! A topic keeps `head`, the last seq it has published, and a ring of the
+//! most recent frames (bounded in count and bytes), shared by all its
+//! subscribers. Notices only mark a topic dirty and raise the seq it wants;
+//! the fetcher reads every dirty topic in one query (`frames_after_many`),
+//! publishes into the rings and wakes the subscribers. While a read is in
+//! flight, further notices for the same topic only raise what it wants, so
+//! a burst costs a few batched reads, not one per row.
+//!
+//! A subscriber is a cursor over the ring. One that falls behind the ring's
+//! oldest frame is told it lagged and reads the log at its own pace (see
+//! `session`), so a slow client costs neither memory here nor loss.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::log::{EventLog, Frame, ReadLimits};
+use crate::metrics::Metrics;
+
+/// Bounds of the hub.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    /// Most frames a topic's ring keeps.
+    pub ring_frames: usize,
+    /// Most bytes a topic's ring keeps (the newest frame is always kept).
+    pub ring_bytes: usize,
+    /// Per-scope limits of one fetch.
+    pub read: ReadLimits,
+    /// Most scopes read in one query.
+    pub scopes_per_read: usize,
+}
+
+/// Why a topic is read: a notice (the normal path), or a resync that looks
+/// for events no notice announced (after a reconnect, while polling, or the
+/// periodic safety net).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Notice,
+    Resync,
+}
+
+/// One scope with subscribers on this relay.
+pub struct Topic {
+    scope: String,
+    state: Mutex<TopicState>,
+}
+
+struct TopicState {
+    /// Last seq published into the ring.
+    head: u64,
+    /// Highest seq a notice has announced.
+    wanted: u64,
+    /// Recent frames, contiguous seqs ending at `head`.
+    ring: VecDeque<Frame>,
+    ring_bytes: usize,
+    /// Subscriber id -> that session's wake-up.
+    subscribers: HashMap<u64, Arc<Notify>>,
+}
+
+/// What a subscriber finds in the ring after its cursor.
+#[derive(Debug)]
+pub enum RingRead {
+    /// Nothing after the cursor yet.
+    UpToDate,
+    /// The next frames, contiguous from cursor + 1.
+    Frames(Vec<Frame>),
+    /// The ring no longer holds cursor + 1: read the log instead.
+    Lagged,
+}
+
+impl Topic {
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TopicState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last seq published.
+    pub fn head(&self) -> u64 {
+        self.lock().head
+    }
+
+    /// Up to `max` frames after `cursor`.
+    pub fn read_after(&self, cursor: u64, max: usize) -> RingRead {
+        let state = self.lock();
+        if cursor >= state.head {
+            return RingRead::UpToDate;
+        }
+        let Some(oldest) = state.ring.front().map(|f| f.seq) else {
+            return RingRead::Lagged;
+        };
+        if cursor + 1 < oldest {
+            return RingRead::Lagged;
+        }
+        let start = (cursor + 1 - oldest) as usize;
+        RingRead::Frames(state.ring.iter().skip(start).take(max).cloned().collect())
+    }
+}
+
+/// The scope -> topic map and the fetcher's work list.
+pub struct Hub {
+    topics: Mutex<HashMap<String, Arc<Topic>>>,
+    /// Topics waiting for a read, and why.
+    dirty: Mutex<HashMap<String, Reason>>,
+    fetcher_wake: Notify,
+    next_subscriber: AtomicU64,
+    log: EventLog,
+    metrics: Arc<Metrics>,
+    limits: HubLimits,
+}
+
+impl Hub {
+    pub fn new(log: EventLog, metrics: Arc<Metrics>, limits: HubLimits) -> Self {
+        Hub {
+            topics: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(HashMap::new()),
+            fetcher_wake: Notify::new(),
+            next_subscriber: AtomicU64::new(1),
+            log,
+            metrics,
+            limits,
+        }
+    }
+
+    fn topics(&self) -> MutexGuard<'_, HashMap<String, Arc<Topic>>> {
+        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark_dirty(&self, scope: &str, reason: Reason) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        // A notice read does not count found events as gaps; a resync
+        // does. Notice wins so a real notice is never counted as a gap.
+        match dirty.get_mut(scope) {
+            Some(r) => {
+                if reason == Reason::Notice {
+                    *r = Reason::Notice;
+                }
+            }
+            None => {
+                dirty.insert(scope.to_string(), reason);
+            }
+        }
+        drop(dirty);
+        self.fetcher_wake.notify_one();
+    }
+
+    /// Registers a subscriber of `scope`. `latest` is the scope's latest
+    /// seq as the caller just read it; a new topic starts there and is read
+    /// at once, so nothing committed in between is missed.
+    pub fn subscribe(&self, scope: &str, latest: u64, wake: Arc<Notify>) -> (Arc<Topic>, u64) {
+        let id = self.next_subscriber.fetch_add(1, Relaxed);
+        let mut topics = self.topics();
+        let (topic, created) = match topics.get(scope) {
+            Some(t) => (t.clone(), false),
+            None => {
+                let t = Arc::new(Topic {
+                    scope: scope.to_string(),
+                    state: Mutex::new(TopicState {
+                        head: latest,
+                        wanted: latest,
+                        ring: VecDeque::new(),
+                        ring_bytes: 0,
+                        subscribers: HashMap::new(),
+                    }),
+                });
+                topics.insert(scope.to_string(), t.clone());
+                (t, true)
+            }
+        };
+        topic.lock().subscribers.insert(id, wake);
+        drop(topics);
+        if created {
+            self.mark_dirty(scope, Reason::Resync);
+        }
+        (topic, id)
+    }
+
+    /// Removes a subscriber; the topic goes when its last subscriber does.
+    pub fn unsubscribe(&self, topic: &Arc<Topic>, id: u64) {
+        let mut topics = self.topics();
+        let mut state = topic.lock();
+        state.subscribers.remove(&id);
+        if state.subscribers.is_empty() {
+            if let Some(current) = topics.get(&topic.scope) {
+                if Arc::ptr_eq(current, topic) {
+                    topics.remove(&topic.scope);
+                }
+            }
+        }
+    }
+
+    /// A notice said `scope` reached `seq`. Only a hint: the fetcher reads
+    /// the log, and a seq the log does not hold publishes nothing.
+    pub fn hint(&self, scope: &str, seq: u64) {
+        let Some(topic) = self.topics().get(scope).cloned() else {
+            return;
+        };
+        let mut state = topic.lock();
+        if seq <= state.head {
+            return;
+        }
+        state.wanted = state.wanted.max(seq);
+        drop(state);
+        self.mark_dirty(scope, Reason::Notice);
+    }
+
+    /// Reads every topic, looking for events no notice announced.
+    pub fn resync_all(&self) {
+        let scopes: Vec<String> = self.topics().keys().cloned().collect();
+        for scope in scopes {
+            self.mark_dirty(&scope, Reason::Resync);
+        }
+    }
+
+    /// Number of topics (scopes with subscribers here).
+    pub fn topic_count(&self) -> usize {
+        self.topics().len()
+    }
+
+    /// The fetcher: reads dirty topics, many per query, until shutdown.
+    pub async fn run_fetcher(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.fetcher_wake.notified() => {}
+            }
+            loop {
+                let batch = self.take_dirty();
+                if batch.is_empty() {
+                    break;
+                }
+                let wanted: Vec<(String, u64)> = batch
+                    .iter()
+                    .map(|(t, _, head, _)| (t.scope.clone(), *head))
+                    .collect();
+                let result = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = self.log.frames_after_many(&wanted, self.limits.read) => r,
+                };
+                match result {
+                    Ok(rows) => {
+                        backoff = Duration::from_millis(50);
+                        self.publish_batch(batch, rows);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, topics = batch.len(), retry_in_ms = backoff.as_millis() as u64, "reading the event log failed");
+                        for (topic, reason, _, _) in &batch {
+                            self.mark_dirty(&topic.scope, *reason);
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes up to `scopes_per_read` dirty topics with their heads and the
+    /// seq wanted when the read starts.
+    fn take_dirty(&self) -> Vec<(Arc<Topic>, Reason, u64, u64)> {
+        let picked: Vec<(String, Reason)> = {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<String> = dirty
+                .keys()
+                .take(self.limits.scopes_per_read)
+                .cloned()
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| dirty.remove_entry(&k))
+                .collect()
+        };
+        let topics = self.topics();
+        picked
+            .into_iter()
+            .filter_map(|(scope, reason)| {
+                let topic = topics.get(&scope)?.clone();
+                let (head, wanted) = {
+                    let s = topic.lock();
+                    (s.head, s.wanted)
+                };
+                Some((topic, reason, head, wanted))
+            })
+            .collect()
+    }
+
+    fn publish_batch(
+        &self,
+        batch: Vec<(Arc<Topic>, Reason, u64, u64)>,
+        rows: Vec<(String, Frame)>,
+    ) {
+        let mut by_scope: HashMap<String, Vec<Frame>> = HashMap::new();
+        for (scope, frame) in rows {
+            by_scope.entry(scope).or_default().push(frame);
+        }
+        for (topic, reason, _head, wanted_at_start) in batch {
+            let frames = by_scope.remove(&topic.scope).unwrap_or_default();
+            let full = frames.len() >= self.limits.read.rows as usize
+                || frames.iter().map(|f| f.bytes.len() as i64).sum::<i64>()
+                    >= self.limits.read.bytes;
+            self.publish(&topic, frames, reason, wanted_at_start, full);
+            if full {
+                self.mark_dirty(&topic.scope, reason);
+            }
+        }
+    }
+
+    fn publish(
+        &self,
+        topic: &Topic,
+        frames: Vec<Frame>,
+        reason: Reason,
+        wanted_at_start: u64,
+        full: bool,
+    ) {
+        let mut state = topic.lock();
+        let mut published = 0u64;
+        for frame in frames {
+            if frame.seq <= state.head {
+                continue;
+            }
+            if frame.seq != state.head + 1 {
+                // A hole (trimmed history): the ring must stay contiguous,
+                // so it restarts here; subscribers behind it go to the log,
+                // which tells them to reset.
+                state.ring.clear();
+                state.ring_bytes = 0;
+            }
+            state.head = frame.seq;
+            state.ring_bytes += frame.bytes.len();
+            state.ring.push_back(frame);
+            published += 1;
+            while state.ring.len() > self.limits.ring_frames
+                || (state.ring_bytes > self.limits.ring_bytes && state.ring.len() > 1)
+            {
+                if let Some(old) = state.ring.pop_front() {
+                    state.ring_bytes -= old.bytes.len();
+                }
+            }
+        }
+        if state.wanted < state.head {
+            state.wanted = state.head;
+        }
+        if !full && wanted_at_start > state.head && state.wanted == wanted_at_start {
+            // A notice named a seq the log does not hold: forged, or from a
+            // foreign writer. Nothing was published for it.
+            self.metrics.unconfirmed_notices.fetch_add(1, Relaxed);
+            tracing::debug!(scope = %topic.scope, wanted = wanted_at_start, head = state.head, "notice not confirmed by the event log");
+            state.wanted = state.head;
+        }
+        if published == 0 {
+            return;
+        }
+        if reason == Reason::Resync {
+            self.metrics.gaps_filled.fetch_add(published, Relaxed);
+        }
+        let wakes: Vec<Arc<Notify>> = state.subscribers.values().cloned().collect();
+        drop(state);
+        for wake in wakes {
+            wake.notify_one();
+        }
+    }
+
+    /// Resyncs every topic while the listener is down (`poll_interval`), and
+    /// as a safety net every `resync_interval` while it is up.
+    pub async fn run_poller(
+        self: Arc<Self>,
+        mut listening: watch::Receiver<bool>,
+        poll_interval: Duration,
+        resync_interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut last_resync = tokio::time::Instant::now();
+        loop {
+            let wait = if *listening.borrow() {
+                resync_interval
+            } else {
+                poll_interval
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                changed = listening.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            let up = *listening.borrow();
+            if !up || last_resync.elapsed() >= resync_interval {
+                self.resync_all();
+                last_resync = tokio::time::Instant::now();
+            }
+        }
+    }
+}

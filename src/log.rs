@@ -1,0 +1,184 @@
+//! Reading the event log, the source of truth. Every frame a client gets
+//! comes through here, rendered by `relay.frames_after` in SQL: live
+//! delivery, resume and gap fill are one read path, so they send the same
+//! bytes. A notice is never trusted beyond "scope X may have news".
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::metrics::Metrics;
+
+/// Why the log could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("database URL: {0}")]
+    Config(#[source] tokio_postgres::Error),
+    #[error("building the pool: {0}")]
+    Build(#[from] deadpool_postgres::BuildError),
+    #[error("no database connection: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// One rendered event frame. Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub seq: u64,
+    /// When the event was captured, microseconds since the epoch; for the
+    /// delivery-delay histogram.
+    pub captured_us: i64,
+    /// The frame text, rendered once by `relay.render`; shared, never
+    /// re-encoded, by every subscriber it is written to.
+    pub bytes: Utf8Bytes,
+}
+
+/// Where a scope stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopeState {
+    pub latest_seq: u64,
+    pub trimmed_through: u64,
+}
+
+/// Limits of one read, so memory stays bounded whatever the rows' size.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    pub rows: i32,
+    pub bytes: i64,
+}
+
+/// The pool-backed reader.
+#[derive(Clone)]
+pub struct EventLog {
+    pool: Pool,
+    metrics: Arc<Metrics>,
+}
+
+impl EventLog {
+    pub fn connect(
+        database_url: &str,
+        size: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LogError> {
+        let mut config: tokio_postgres::Config = database_url.parse().map_err(LogError::Config)?;
+        config.application_name("pgrelay");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(size)
+            .wait_timeout(Some(std::time::Duration::from_secs(10)))
+            .create_timeout(Some(std::time::Duration::from_secs(5)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()?;
+        Ok(EventLog { pool, metrics })
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub async fn scope_state(&self, scope: &str) -> Result<ScopeState, LogError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT latest_seq, trimmed_through FROM relay.scope_state($1)")
+            .await?;
+        let row = client.query_one(&stmt, &[&scope]).await?;
+        Ok(ScopeState {
+            latest_seq: row.get::<_, i64>(0).max(0) as u64,
+            trimmed_through: row.get::<_, i64>(1).max(0) as u64,
+        })
+    }
+
+    /// Frames of `scope` after `after`, in seq order.
+    pub async fn frames_after(
+        &self,
+        scope: &str,
+        after: u64,
+        limits: ReadLimits,
+    ) -> Result<Vec<Frame>, LogError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT seq, created_at, frame FROM relay.frames_after($1, $2, $3, $4)")
+            .await?;
+        let rows = client
+            .query(
+                &stmt,
+                &[&scope, &(after as i64), &limits.rows, &limits.bytes],
+            )
+            .await
+            .inspect_err(|_| {
+                self.metrics.log_errors.fetch_add(1, Relaxed);
+            })?;
+        self.metrics.log_reads.fetch_add(1, Relaxed);
+        self.metrics.log_rows.fetch_add(rows.len() as u64, Relaxed);
+        Ok(rows
+            .into_iter()
+            .map(|r| frame(r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    /// Frames of many scopes in one round trip: `(scope, after)` pairs in,
+    /// `(scope, frame)` out, grouped by scope in seq order.
+    pub async fn frames_after_many(
+        &self,
+        wanted: &[(String, u64)],
+        limits: ReadLimits,
+    ) -> Result<Vec<(String, Frame)>, LogError> {
+        let scopes: Vec<&str> = wanted.iter().map(|(s, _)| s.as_str()).collect();
+        let afters: Vec<i64> = wanted.iter().map(|(_, a)| *a as i64).collect();
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT scope, seq, created_at, frame FROM relay.frames_after_many($1, $2, $3, $4)",
+            )
+            .await?;
+        let rows = client
+            .query(&stmt, &[&scopes, &afters, &limits.rows, &limits.bytes])
+            .await
+            .inspect_err(|_| {
+                self.metrics.log_errors.fetch_add(1, Relaxed);
+            })?;
+        self.metrics.log_reads.fetch_add(1, Relaxed);
+        self.metrics.log_rows.fetch_add(rows.len() as u64, Relaxed);
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get::<_, String>(0), frame(r.get(1), r.get(2), r.get(3))))
+            .collect())
+    }
+
+    /// `relay.authorize(user, scope)`: may this user receive the scope?
+    pub async fn authorize(&self, user_id: &str, scope: &str) -> Result<bool, LogError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT relay.authorize($1, $2)")
+            .await?;
+        let row = client.query_one(&stmt, &[&user_id, &scope]).await?;
+        Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+    }
+
+    /// `pg_notification_queue_usage()`, for `/metrics`.
+    pub async fn notification_queue_usage(&self) -> Result<f64, LogError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one("SELECT pg_notification_queue_usage()", &[])
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
+fn frame(seq: i64, created_at: chrono::DateTime<chrono::Utc>, text: String) -> Frame {
+    Frame {
+        seq: seq.max(0) as u64,
+        captured_us: created_at.timestamp_micros(),
+        bytes: Utf8Bytes::from(text),
+    }
+}

@@ -1,0 +1,215 @@
+//! Counters and gauges for `/metrics`, in the Prometheus text format.
+//!
+//! Hand-rolled on atomics rather than a global recorder: several relays can
+//! run in one process (the tests do), each with its own numbers, and an
+//! increment on the delivery path is one relaxed atomic add.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds (seconds) of the commit-to-send delay histogram.
+const DELAY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A Prometheus histogram with fixed buckets, lock-free.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; DELAY_BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in microseconds, to stay an integer.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe_us(&self, micros: u64) {
+        let secs = micros as f64 / 1e6;
+        if let Some(i) = DELAY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(micros, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in DELAY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Everything the relay counts. Field names are the metric names without
+/// the `pgrelay_` prefix.
+#[derive(Default)]
+pub struct Metrics {
+    /// Open WebSocket connections.
+    pub connections: AtomicI64,
+    /// Active subscriptions over all connections.
+    pub subscriptions: AtomicI64,
+    /// Notices received on the channel (ours and foreign).
+    pub notices_received: AtomicU64,
+    /// Notices that were not valid pgrelay notices; ignored.
+    pub foreign_notices: AtomicU64,
+    /// Valid-looking notices naming a seq the log did not confirm.
+    pub unconfirmed_notices: AtomicU64,
+    /// Event frames written to clients.
+    pub events_sent: AtomicU64,
+    /// Reads of the event log (live fetch and catch-up).
+    pub log_reads: AtomicU64,
+    /// Rows returned by those reads.
+    pub log_rows: AtomicU64,
+    /// Failed reads of the event log.
+    pub log_errors: AtomicU64,
+    /// Subscriptions currently fed from the log because they fell behind.
+    pub catchup_subscribers: AtomicI64,
+    /// Events found by a resync read (after a reconnect, in poll mode or
+    /// by the safety-net resync) rather than announced by a notice.
+    pub gaps_filled: AtomicU64,
+    /// Times the LISTEN connection was (re)established and proven.
+    pub listener_reconnects: AtomicU64,
+    /// 1 while LISTENing with a proven connection.
+    pub listening: AtomicI64,
+    /// `reset` frames sent.
+    pub resets_sent: AtomicU64,
+    /// Client frames refused with an `error` frame.
+    pub client_errors: AtomicU64,
+    /// Commit-to-send delay of event frames.
+    pub delivery_delay: Histogram,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition. `queue_usage` is
+    /// `pg_notification_queue_usage()`, read at scrape time.
+    pub fn render(&self, queue_usage: Option<f64>) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauges: [(&str, &AtomicI64, &str); 4] = [
+            (
+                "connections",
+                &self.connections,
+                "Open WebSocket connections.",
+            ),
+            (
+                "subscriptions",
+                &self.subscriptions,
+                "Active subscriptions.",
+            ),
+            (
+                "catchup_subscribers",
+                &self.catchup_subscribers,
+                "Subscriptions being fed from the event log because they fell behind.",
+            ),
+            (
+                "listening",
+                &self.listening,
+                "1 while the LISTEN connection is up and proven.",
+            ),
+        ];
+        for (name, value, help) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} gauge\npgrelay_{name} {}",
+                value.load(Relaxed)
+            );
+        }
+        let counters: [(&str, &AtomicU64, &str); 11] = [
+            (
+                "notices_received_total",
+                &self.notices_received,
+                "Notices received on the channel.",
+            ),
+            (
+                "foreign_notices_total",
+                &self.foreign_notices,
+                "Notices on the channel that were not pgrelay's; ignored.",
+            ),
+            (
+                "unconfirmed_notices_total",
+                &self.unconfirmed_notices,
+                "Notices naming a seq the event log did not hold.",
+            ),
+            (
+                "events_sent_total",
+                &self.events_sent,
+                "Event frames written to clients.",
+            ),
+            (
+                "log_reads_total",
+                &self.log_reads,
+                "Reads of the event log.",
+            ),
+            (
+                "log_rows_total",
+                &self.log_rows,
+                "Rows returned by reads of the event log.",
+            ),
+            (
+                "log_errors_total",
+                &self.log_errors,
+                "Failed reads of the event log.",
+            ),
+            (
+                "gaps_filled_total",
+                &self.gaps_filled,
+                "Events found by resync reads rather than announced by a notice.",
+            ),
+            (
+                "listener_reconnects_total",
+                &self.listener_reconnects,
+                "Times the LISTEN connection was established and proven.",
+            ),
+            ("resets_sent_total", &self.resets_sent, "Reset frames sent."),
+            (
+                "client_errors_total",
+                &self.client_errors,
+                "Client frames answered with an error frame.",
+            ),
+        ];
+        for (name, value, help) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} counter\npgrelay_{name} {}",
+                value.load(Relaxed)
+            );
+        }
+        self.delivery_delay.render(
+            &mut out,
+            "pgrelay_delivery_delay_seconds",
+            "Delay from an event's capture in the database to its send to a client.",
+        );
+        if let Some(usage) = queue_usage {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_notification_queue_usage pg_notification_queue_usage() of the database.\n\
+                 # TYPE pgrelay_notification_queue_usage gauge\npgrelay_notification_queue_usage {usage}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.delivery_delay.observe_us(300); // 0.3 ms
+        m.delivery_delay.observe_us(3_000); // 3 ms
+        m.delivery_delay.observe_us(60_000_000); // beyond the last bucket
+        let text = m.render(Some(0.0));
+        assert!(text.contains("pgrelay_delivery_delay_seconds_bucket{le=\"0.0005\"} 1"));
+        assert!(text.contains("pgrelay_delivery_delay_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("pgrelay_delivery_delay_seconds_bucket{le=\"10\"} 2"));
+        assert!(text.contains("pgrelay_delivery_delay_seconds_bucket{le=\"+Inf\"} 3"));
+        assert!(text.contains("pgrelay_delivery_delay_seconds_count 3"));
+        assert!(text.contains("pgrelay_notification_queue_usage 0"));
+    }
+}

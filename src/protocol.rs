@@ -1,0 +1,272 @@
+//! The wire protocol of `GET /ws`: JSON text frames (DESIGN.md, "Wire
+//! protocol"), the error codes of `error` frames and the close codes.
+//!
+//! Event frames are not built here: the database renders them once per
+//! event (`relay.render`) and their bytes are shared by every subscriber.
+//! This module only parses what clients send and builds the few control
+//! frames the relay itself says.
+
+use serde_json::{json, Value};
+
+/// Close codes; part of the protocol, documented in the README.
+pub mod close {
+    /// The relay is shutting down: reconnect and resume with `since_seq`.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame carried invalid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A frame was larger than the inbound limit.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// Missing, malformed or wrongly signed token.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// The token's `exp` has passed (and no fresh one was sent in time).
+    pub const TOKEN_EXPIRED: u16 = 4002;
+    /// The connection itself is not allowed (e.g. origin or limits).
+    pub const FORBIDDEN: u16 = 4003;
+    /// The peer stopped answering pings.
+    pub const UNRESPONSIVE: u16 = 4008;
+    /// Too many frames per second, or too many connections.
+    pub const RATE_LIMITED: u16 = 4029;
+}
+
+/// Error codes of `error` frames.
+pub mod code {
+    pub const BAD_JSON: &str = "bad_json";
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const UNKNOWN_ACTION: &str = "unknown_action";
+    pub const BINARY_NOT_SUPPORTED: &str = "binary_not_supported";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const NOT_SUBSCRIBED: &str = "not_subscribed";
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+    pub const UNAVAILABLE: &str = "unavailable";
+}
+
+/// Longest scope (project id) accepted, as in the SQL side.
+pub const MAX_SCOPE_LEN: usize = 256;
+
+/// What a client may ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientMessage {
+    Subscribe {
+        scope: String,
+        since_seq: Option<u64>,
+    },
+    Unsubscribe {
+        scope: String,
+    },
+    Ping,
+    /// A fresh token for the same user, sent before the current one expires.
+    Auth {
+        token: String,
+    },
+}
+
+/// Why a client frame was refused: becomes an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: &'static str,
+    pub message: String,
+    /// The action the frame asked for, when it could be read.
+    pub action: Option<String>,
+}
+
+impl ProtocolError {
+    fn new(code: &'static str, message: impl Into<String>, action: Option<&str>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+            action: action.map(str::to_string),
+        }
+    }
+
+    pub fn to_frame(&self) -> String {
+        error_frame(self.code, &self.message, self.action.as_deref(), None)
+    }
+}
+
+/// Parses one text frame. Never panics; every refusal names its reason.
+pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(code::BAD_JSON, format!("not valid JSON: {e}"), None))?;
+    let Value::Object(obj) = value else {
+        return Err(ProtocolError::new(
+            code::BAD_REQUEST,
+            "expected a JSON object with an \"action\"",
+            None,
+        ));
+    };
+    let action = match obj.get("action") {
+        Some(Value::String(a)) => a.as_str(),
+        Some(_) => {
+            return Err(ProtocolError::new(
+                code::BAD_REQUEST,
+                "\"action\" must be a string",
+                None,
+            ))
+        }
+        None => {
+            return Err(ProtocolError::new(
+                code::BAD_REQUEST,
+                "missing \"action\"",
+                None,
+            ))
+        }
+    };
+    let scope = || -> Result<String, ProtocolError> {
+        match obj.get("project_id") {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SCOPE_LEN => Ok(s.clone()),
+            Some(Value::String(_)) => Err(ProtocolError::new(
+                code::BAD_REQUEST,
+                format!("\"project_id\" must be 1 to {MAX_SCOPE_LEN} bytes"),
+                Some(action),
+            )),
+            Some(_) => Err(ProtocolError::new(
+                code::BAD_REQUEST,
+                "\"project_id\" must be a string",
+                Some(action),
+            )),
+            None => Err(ProtocolError::new(
+                code::BAD_REQUEST,
+                "missing \"project_id\"",
+                Some(action),
+            )),
+        }
+    };
+    match action {
+        "subscribe" => {
+            let since_seq = match obj.get("since_seq") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    ProtocolError::new(
+                        code::BAD_REQUEST,
+                        "\"since_seq\" must be a non-negative integer",
+                        Some(action),
+                    )
+                })?),
+            };
+            Ok(ClientMessage::Subscribe {
+                scope: scope()?,
+                since_seq,
+            })
+        }
+        "unsubscribe" => Ok(ClientMessage::Unsubscribe { scope: scope()? }),
+        "ping" => Ok(ClientMessage::Ping),
+        "auth" => match obj.get("token") {
+            Some(Value::String(t)) if !t.is_empty() => Ok(ClientMessage::Auth { token: t.clone() }),
+            _ => Err(ProtocolError::new(
+                code::BAD_REQUEST,
+                "\"token\" must be a non-empty string",
+                Some(action),
+            )),
+        },
+        other => Err(ProtocolError::new(
+            code::UNKNOWN_ACTION,
+            "unknown action; expected subscribe, unsubscribe, ping or auth",
+            Some(truncate(other, 64)),
+        )),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `{"type":"subscribed","project_id":..,"seq":..}`: the latest seq at
+/// subscribe time; events after it follow.
+pub fn subscribed_frame(scope: &str, latest_seq: u64) -> String {
+    json!({"type": "subscribed", "project_id": scope, "seq": latest_seq}).to_string()
+}
+
+/// `{"type":"unsubscribed","project_id":..}`.
+pub fn unsubscribed_frame(scope: &str) -> String {
+    json!({"type": "unsubscribed", "project_id": scope}).to_string()
+}
+
+/// Why a `reset` is sent.
+pub mod reset_reason {
+    /// Events after the client's `since_seq` were trimmed from the log.
+    pub const HISTORY_TRIMMED: &str = "history_trimmed";
+    /// The client's `since_seq` is beyond anything the log ever held (the
+    /// database was restored or replaced).
+    pub const SEQ_AHEAD: &str = "seq_ahead";
+}
+
+/// `{"type":"reset",..}`: reload the scope's state; events after `seq`
+/// follow.
+pub fn reset_frame(scope: &str, seq: u64, reason: &str) -> String {
+    json!({"type": "reset", "project_id": scope, "seq": seq, "reason": reason}).to_string()
+}
+
+pub fn pong_frame() -> String {
+    r#"{"type":"pong"}"#.to_string()
+}
+
+/// `{"type":"error","code":..,"message":..,"ref":..}`, with the scope when
+/// the error concerns one subscription.
+pub fn error_frame(code: &str, message: &str, action: Option<&str>, scope: Option<&str>) -> String {
+    let mut v = json!({"type": "error", "code": code, "message": message, "ref": action});
+    if let Some(scope) = scope {
+        v["project_id"] = Value::String(scope.to_string());
+    }
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_actions() {
+        assert_eq!(
+            parse(r#"{"action":"subscribe","project_id":"p","since_seq":42}"#),
+            Ok(ClientMessage::Subscribe {
+                scope: "p".into(),
+                since_seq: Some(42)
+            })
+        );
+        assert_eq!(
+            parse(r#"{"action":"subscribe","project_id":"p"}"#),
+            Ok(ClientMessage::Subscribe {
+                scope: "p".into(),
+                since_seq: None
+            })
+        );
+        assert_eq!(
+            parse(r#"{"action":"unsubscribe","project_id":"p"}"#),
+            Ok(ClientMessage::Unsubscribe { scope: "p".into() })
+        );
+        assert_eq!(parse(r#"{"action":"ping"}"#), Ok(ClientMessage::Ping));
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        assert_eq!(parse("not json").unwrap_err().code, code::BAD_JSON);
+        assert_eq!(parse("[1]").unwrap_err().code, code::BAD_REQUEST);
+        assert_eq!(
+            parse(r#"{"action":"subscribe"}"#).unwrap_err().code,
+            code::BAD_REQUEST
+        );
+        assert_eq!(
+            parse(r#"{"action":"subscribe","project_id":"p","since_seq":-1}"#)
+                .unwrap_err()
+                .code,
+            code::BAD_REQUEST
+        );
+        let e = parse(r#"{"action":"explode"}"#).unwrap_err();
+        assert_eq!(e.code, code::UNKNOWN_ACTION);
+        assert_eq!(e.action.as_deref(), Some("explode"));
+        let deep = "[".repeat(10_000);
+        assert_eq!(parse(&deep).unwrap_err().code, code::BAD_JSON);
+        let long = format!(
+            r#"{{"action":"subscribe","project_id":"{}"}}"#,
+            "x".repeat(300)
+        );
+        assert_eq!(parse(&long).unwrap_err().code, code::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,513 @@
+//! One WebSocket connection: its subscriptions, their cursors, and the
+//! order of what it writes.
+//!
+//! Each subscription has a cursor (the last seq sent). While it keeps up it
+//! is fed from its topic's ring; when the ring no longer holds cursor + 1
+//! it reads the log at its own pace (batched, bounded in bytes) and goes
+//! back to the ring once caught up. So a slow client costs neither memory
+//! nor loss, and resume (`since_seq`) is the same path: a cursor that
+//! starts behind (G3, G7).
+//!
+//! Socket writes are awaited with a deadline: a peer that accepts no bytes
+//! for `pong_timeout`, like one that answers no ping, is closed with the
+//! unresponsive close code. Nothing else closes a slow client.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Identity;
+use crate::hub::{Hub, RingRead, Topic};
+use crate::log::{EventLog, Frame, LogError, ReadLimits};
+use crate::metrics::Metrics;
+use crate::protocol::{self, close, code, reset_reason, ClientMessage};
+
+/// Most ring frames written per subscription before the session looks at
+/// its socket and other subscriptions again (fairness).
+const PUMP_BATCH: usize = 256;
+
+/// What every session shares.
+pub struct SessionContext {
+    pub hub: Arc<Hub>,
+    pub log: EventLog,
+    pub metrics: Arc<Metrics>,
+    /// Bounds concurrent catch-up reads, so a crowd of slow or resuming
+    /// clients cannot take every database connection.
+    pub backfills: Semaphore,
+    pub limits: SessionLimits,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub max_subscriptions: usize,
+    pub catchup_read: ReadLimits,
+}
+
+struct Subscription {
+    topic: Arc<Topic>,
+    id: u64,
+    /// Last seq sent to the client.
+    cursor: u64,
+    /// Fed from the log rather than the ring.
+    catching_up: bool,
+}
+
+type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+
+/// Why a session ends early.
+#[derive(Debug)]
+enum End {
+    /// The peer went away or the socket failed: nothing more to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+impl From<WsError> for End {
+    fn from(_: WsError) -> Self {
+        End::Gone
+    }
+}
+
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    ctx: Arc<SessionContext>,
+    identity: Identity,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    ctx.metrics.connections.fetch_add(1, Relaxed);
+    let (mut sink, mut stream) = ws.split();
+    let mut session = Session {
+        ctx: ctx.clone(),
+        identity,
+        subs: HashMap::new(),
+        wake: Arc::new(Notify::new()),
+        retry_at: None,
+    };
+    let end = session.serve(&mut sink, &mut stream, &shutdown).await;
+    if let End::Close(code, reason) = end {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        // The closing handshake: send ours, then wait (bounded) for the
+        // peer's, so it reads our code before the TCP connection goes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = sink.send(Message::Close(Some(frame))).await;
+            let _ = sink.flush().await;
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    session.unsubscribe_all();
+    ctx.metrics.connections.fetch_sub(1, Relaxed);
+}
+
+struct Session {
+    ctx: Arc<SessionContext>,
+    identity: Identity,
+    subs: HashMap<String, Subscription>,
+    /// Rung by topics when they publish, and by ourselves for more work.
+    wake: Arc<Notify>,
+    /// After a failed log read, when to try again.
+    retry_at: Option<Instant>,
+}
+
+impl Session {
+    async fn serve<S>(
+        &mut self,
+        sink: &mut Sink<S>,
+        stream: &mut SplitStream<WebSocketStream<S>>,
+        shutdown: &CancellationToken,
+    ) -> End
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let limits = self.ctx.limits;
+        let mut last_heard = Instant::now();
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+        loop {
+            let retry = self.retry_at;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    return End::Close(close::GOING_AWAY, "relay shutting down; reconnect and resume with since_seq");
+                }
+                incoming = stream.next() => {
+                    last_heard = Instant::now();
+                    let result = match incoming {
+                        None => return End::Gone,
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))
+                        | Some(Err(WsError::Capacity(_))) => {
+                            return End::Close(close::MESSAGE_TOO_BIG, "frame larger than the inbound limit");
+                        }
+                        Some(Err(WsError::Utf8(_))) => {
+                            return End::Close(close::INVALID_PAYLOAD, "text frame is not valid UTF-8");
+                        }
+                        Some(Err(_)) => return End::Gone,
+                        Some(Ok(message)) => self.on_message(message, sink).await,
+                    };
+                    if let Err(end) = result {
+                        return end;
+                    }
+                }
+                _ = self.wake.notified() => {
+                    let pumped = tokio::select! {
+                        _ = shutdown.cancelled() => continue,
+                        r = tokio::time::timeout(limits.pong_timeout, self.pump(sink)) => r,
+                    };
+                    match pumped {
+                        Ok(Ok(())) => {}
+                        Ok(Err(end)) => return end,
+                        Err(_) => return End::Close(close::UNRESPONSIVE, "peer accepted no data in time"),
+                    }
+                }
+                _ = sleep_until_opt(retry) => {
+                    self.retry_at = None;
+                    self.wake.notify_one();
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > limits.pong_timeout {
+                        return End::Close(close::UNRESPONSIVE, "no answer to pings");
+                    }
+                    let sent = tokio::time::timeout(limits.pong_timeout, sink.send(Message::Ping(Default::default()))).await;
+                    match sent {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return End::Gone,
+                        Err(_) => return End::Close(close::UNRESPONSIVE, "peer accepted no data in time"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_message<S>(&mut self, message: Message, sink: &mut Sink<S>) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match message {
+            Message::Text(text) => match protocol::parse(&text) {
+                Ok(request) => self.on_request(request, sink).await,
+                Err(e) => {
+                    self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+                    send_text(sink, e.to_frame()).await
+                }
+            },
+            Message::Binary(_) => {
+                self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+                let frame = protocol::error_frame(
+                    code::BINARY_NOT_SUPPORTED,
+                    "binary frames are not part of the protocol; send JSON text frames",
+                    None,
+                    None,
+                );
+                send_text(sink, frame).await
+            }
+            // Pongs are answered by tungstenite; pings only prove liveness.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+            Message::Close(_) => Err(End::Gone),
+        }
+    }
+
+    async fn on_request<S>(&mut self, request: ClientMessage, sink: &mut Sink<S>) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match request {
+            ClientMessage::Ping => send_text(sink, protocol::pong_frame()).await,
+            ClientMessage::Subscribe { scope, since_seq } => {
+                self.subscribe(scope, since_seq, sink).await
+            }
+            ClientMessage::Unsubscribe { scope } => {
+                if let Some(sub) = self.subs.remove(&scope) {
+                    self.drop_subscription(sub);
+                    send_text(sink, protocol::unsubscribed_frame(&scope)).await
+                } else {
+                    self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+                    let frame = protocol::error_frame(
+                        code::NOT_SUBSCRIBED,
+                        "not subscribed to this project",
+                        Some("unsubscribe"),
+                        Some(&scope),
+                    );
+                    send_text(sink, frame).await
+                }
+            }
+            ClientMessage::Auth { .. } => {
+                // Token refresh arrives with the authentication work; until
+                // then say so rather than pretend.
+                let frame = protocol::error_frame(
+                    code::UNKNOWN_ACTION,
+                    "token refresh is not supported by this relay yet",
+                    Some("auth"),
+                    None,
+                );
+                send_text(sink, frame).await
+            }
+        }
+    }
+
+    async fn subscribe<S>(
+        &mut self,
+        scope: String,
+        since_seq: Option<u64>,
+        sink: &mut Sink<S>,
+    ) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let error = |code: &str, message: &str| {
+            protocol::error_frame(code, message, Some("subscribe"), Some(&scope))
+        };
+        if !self.subs.contains_key(&scope) && self.subs.len() >= self.ctx.limits.max_subscriptions {
+            self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+            let frame = error(
+                code::TOO_MANY_SUBSCRIPTIONS,
+                "subscription limit of this connection reached",
+            );
+            return send_text(sink, frame).await;
+        }
+        let checked = async {
+            let allowed = self
+                .ctx
+                .log
+                .authorize(&self.identity.user_id, &scope)
+                .await?;
+            if !allowed {
+                return Ok::<_, LogError>(None);
+            }
+            Ok(Some(self.ctx.log.scope_state(&scope).await?))
+        }
+        .await;
+        let state = match checked {
+            Ok(Some(state)) => state,
+            Ok(None) => {
+                self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+                let frame = error(code::FORBIDDEN, "not a member of this project");
+                return send_text(sink, frame).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "subscribe could not reach the database");
+                let frame = error(code::UNAVAILABLE, "database unavailable; retry shortly");
+                return send_text(sink, frame).await;
+            }
+        };
+        // Re-subscribing replaces the old cursor.
+        if let Some(old) = self.subs.remove(&scope) {
+            self.drop_subscription(old);
+        }
+        let (topic, id) = self
+            .ctx
+            .hub
+            .subscribe(&scope, state.latest_seq, self.wake.clone());
+        self.ctx.metrics.subscriptions.fetch_add(1, Relaxed);
+        let mut cursor = state.latest_seq;
+        let mut reset = None;
+        if let Some(since) = since_seq {
+            if since > state.latest_seq {
+                reset = Some(reset_reason::SEQ_AHEAD);
+            } else if since < state.trimmed_through {
+                reset = Some(reset_reason::HISTORY_TRIMMED);
+            } else {
+                cursor = since;
+            }
+        }
+        self.subs.insert(
+            scope.clone(),
+            Subscription {
+                topic,
+                id,
+                cursor,
+                catching_up: false,
+            },
+        );
+        send_text(sink, protocol::subscribed_frame(&scope, state.latest_seq)).await?;
+        if let Some(reason) = reset {
+            self.ctx.metrics.resets_sent.fetch_add(1, Relaxed);
+            send_text(
+                sink,
+                protocol::reset_frame(&scope, state.latest_seq, reason),
+            )
+            .await?;
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Writes what each subscription has pending, a bounded amount each,
+    /// then flushes once. Rings itself again when more is left.
+    async fn pump<S>(&mut self, sink: &mut Sink<S>) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut more = false;
+        let scopes: Vec<String> = self.subs.keys().cloned().collect();
+        for scope in scopes {
+            more |= self.pump_one(&scope, sink).await?;
+        }
+        sink.flush().await?;
+        if more {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Returns whether this subscription has more to send right away.
+    async fn pump_one<S>(&mut self, scope: &str, sink: &mut Sink<S>) -> Result<bool, End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ctx = self.ctx.clone();
+        let Some(sub) = self.subs.get_mut(scope) else {
+            return Ok(false);
+        };
+        match sub.topic.read_after(sub.cursor, PUMP_BATCH) {
+            RingRead::UpToDate => {
+                set_catching_up(sub, false, &ctx.metrics);
+                return Ok(false);
+            }
+            RingRead::Frames(frames) => {
+                set_catching_up(sub, false, &ctx.metrics);
+                let n = frames.len();
+                for frame in frames {
+                    feed_event(sink, &frame, &ctx.metrics).await?;
+                    sub.cursor = frame.seq;
+                }
+                return Ok(n == PUMP_BATCH || sub.topic.head() > sub.cursor);
+            }
+            RingRead::Lagged => set_catching_up(sub, true, &ctx.metrics),
+        }
+        if self.retry_at.is_some() {
+            return Ok(false);
+        }
+        // Behind the ring: one batch from the log, at this client's pace.
+        let read = {
+            let Ok(_permit) = ctx.backfills.acquire().await else {
+                return Ok(false);
+            };
+            ctx.log
+                .frames_after(scope, sub.cursor, ctx.limits.catchup_read)
+                .await
+        };
+        let frames = match read {
+            Ok(frames) => frames,
+            Err(e) => {
+                tracing::warn!(error = %e, "catch-up read failed; retrying");
+                self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                return Ok(false);
+            }
+        };
+        if frames.first().map(|f| f.seq) != Some(sub.cursor + 1) {
+            if frames.is_empty() {
+                // The log has nothing after the cursor yet; the ring will
+                // ring us when it does.
+                set_catching_up(sub, false, &ctx.metrics);
+                return Ok(false);
+            }
+            // The log does not continue from the cursor: history was
+            // trimmed. Say so explicitly, then go on from the latest seq.
+            let latest = match ctx.log.scope_state(scope).await {
+                Ok(state) => state.latest_seq,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the scope state failed; retrying");
+                    self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                    return Ok(false);
+                }
+            };
+            ctx.metrics.resets_sent.fetch_add(1, Relaxed);
+            sink.feed(text(protocol::reset_frame(
+                scope,
+                latest,
+                reset_reason::HISTORY_TRIMMED,
+            )))
+            .await?;
+            sub.cursor = latest;
+            return Ok(true);
+        }
+        for frame in &frames {
+            feed_event(sink, frame, &ctx.metrics).await?;
+            sub.cursor = frame.seq;
+        }
+        Ok(true)
+    }
+
+    fn drop_subscription(&self, sub: Subscription) {
+        if sub.catching_up {
+            self.ctx.metrics.catchup_subscribers.fetch_sub(1, Relaxed);
+        }
+        self.ctx.hub.unsubscribe(&sub.topic, sub.id);
+        self.ctx.metrics.subscriptions.fetch_sub(1, Relaxed);
+    }
+
+    fn unsubscribe_all(&mut self) {
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            self.drop_subscription(sub);
+        }
+    }
+}
+
+fn set_catching_up(sub: &mut Subscription, on: bool, metrics: &Metrics) {
+    if sub.catching_up != on {
+        sub.catching_up = on;
+        if on {
+            metrics.catchup_subscribers.fetch_add(1, Relaxed);
+        } else {
+            metrics.catchup_subscribers.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+fn text(s: String) -> Message {
+    Message::Text(Utf8Bytes::from(s))
+}
+
+/// Queues one event frame: the log's bytes, shared, never re-encoded.
+async fn feed_event<S>(sink: &mut Sink<S>, frame: &Frame, metrics: &Metrics) -> Result<(), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    sink.feed(Message::Text(frame.bytes.clone())).await?;
+    metrics.events_sent.fetch_add(1, Relaxed);
+    let now_us = chrono::Utc::now().timestamp_micros();
+    metrics
+        .delivery_delay
+        .observe_us(now_us.saturating_sub(frame.captured_us).max(0) as u64);
+    Ok(())
+}
+
+async fn send_text<S>(sink: &mut Sink<S>, frame: String) -> Result<(), End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    sink.send(text(frame)).await?;
+    Ok(())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
