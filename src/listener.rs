@@ -150,6 +150,16 @@ async fn session(
         .await
         .map_err(SessionEnd::Command)?;
 
+    // The triggers ring the channel the database is configured with; a
+    // relay listening elsewhere would only ever poll. Say so loudly.
+    if let Ok(row) = client.query_one("SELECT relay.channel()", &[]).await {
+        let db_channel: String = row.get(0);
+        if db_channel != config.channel {
+            tracing::error!(relay_channel = %config.channel, database_channel = %db_channel,
+                "the capture triggers notify another channel than the relay listens on; set PGRELAY_CHANNEL to match");
+        }
+    }
+
     let mut nonce = 0u64;
     loop {
         nonce += 1;

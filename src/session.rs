@@ -67,7 +67,45 @@ struct Subscription {
     catching_up: bool,
 }
 
-type Sink<S> = SplitSink<WebSocketStream<S>, Message>;
+/// The write half, with a deadline on every write: a peer that accepts no
+/// bytes for `pong_timeout` is as gone as one that answers no ping.
+struct Out<S> {
+    sink: SplitSink<WebSocketStream<S>, Message>,
+    deadline: Duration,
+}
+
+async fn within<T>(
+    deadline: Duration,
+    op: impl std::future::Future<Output = Result<T, WsError>>,
+) -> Result<T, End> {
+    match tokio::time::timeout(deadline, op).await {
+        Ok(result) => result.map_err(End::from),
+        Err(_) => Err(End::Close(
+            close::UNRESPONSIVE,
+            "peer accepted no data in time",
+        )),
+    }
+}
+
+impl<S> Out<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Queues a message; writes only when the buffer is full.
+    async fn feed(&mut self, message: Message) -> Result<(), End> {
+        within(self.deadline, self.sink.feed(message)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        within(self.deadline, self.sink.flush()).await
+    }
+
+    /// Sends a control frame now.
+    async fn text(&mut self, frame: String) -> Result<(), End> {
+        self.feed(text(frame)).await?;
+        self.flush().await
+    }
+}
 
 /// Why a session ends early.
 #[derive(Debug)]
@@ -93,7 +131,11 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     ctx.metrics.connections.fetch_add(1, Relaxed);
-    let (mut sink, mut stream) = ws.split();
+    let (sink, mut stream) = ws.split();
+    let mut out = Out {
+        sink,
+        deadline: ctx.limits.pong_timeout,
+    };
     let mut session = Session {
         ctx: ctx.clone(),
         identity,
@@ -101,7 +143,7 @@ pub async fn run<S>(
         wake: Arc::new(Notify::new()),
         retry_at: None,
     };
-    let end = session.serve(&mut sink, &mut stream, &shutdown).await;
+    let end = session.serve(&mut out, &mut stream, &shutdown).await;
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code: CloseCode::from(code),
@@ -110,8 +152,8 @@ pub async fn run<S>(
         // The closing handshake: send ours, then wait (bounded) for the
         // peer's, so it reads our code before the TCP connection goes.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = sink.send(Message::Close(Some(frame))).await;
-            let _ = sink.flush().await;
+            let _ = out.sink.send(Message::Close(Some(frame))).await;
+            let _ = out.sink.flush().await;
             while let Some(Ok(message)) = stream.next().await {
                 if matches!(message, Message::Close(_)) {
                     break;
@@ -137,7 +179,7 @@ struct Session {
 impl Session {
     async fn serve<S>(
         &mut self,
-        sink: &mut Sink<S>,
+        out: &mut Out<S>,
         stream: &mut SplitStream<WebSocketStream<S>>,
         shutdown: &CancellationToken,
     ) -> End
@@ -167,7 +209,7 @@ impl Session {
                             return End::Close(close::INVALID_PAYLOAD, "text frame is not valid UTF-8");
                         }
                         Some(Err(_)) => return End::Gone,
-                        Some(Ok(message)) => self.on_message(message, sink).await,
+                        Some(Ok(message)) => self.on_message(message, out).await,
                     };
                     if let Err(end) = result {
                         return end;
@@ -176,12 +218,10 @@ impl Session {
                 _ = self.wake.notified() => {
                     let pumped = tokio::select! {
                         _ = shutdown.cancelled() => continue,
-                        r = tokio::time::timeout(limits.pong_timeout, self.pump(sink)) => r,
+                        r = self.pump(out) => r,
                     };
-                    match pumped {
-                        Ok(Ok(())) => {}
-                        Ok(Err(end)) => return end,
-                        Err(_) => return End::Close(close::UNRESPONSIVE, "peer accepted no data in time"),
+                    if let Err(end) = pumped {
+                        return end;
                     }
                 }
                 _ = sleep_until_opt(retry) => {
@@ -192,27 +232,28 @@ impl Session {
                     if last_heard.elapsed() > limits.pong_timeout {
                         return End::Close(close::UNRESPONSIVE, "no answer to pings");
                     }
-                    let sent = tokio::time::timeout(limits.pong_timeout, sink.send(Message::Ping(Default::default()))).await;
-                    match sent {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return End::Gone,
-                        Err(_) => return End::Close(close::UNRESPONSIVE, "peer accepted no data in time"),
+                    let sent = async {
+                        out.feed(Message::Ping(Default::default())).await?;
+                        out.flush().await
+                    };
+                    if let Err(end) = sent.await {
+                        return end;
                     }
                 }
             }
         }
     }
 
-    async fn on_message<S>(&mut self, message: Message, sink: &mut Sink<S>) -> Result<(), End>
+    async fn on_message<S>(&mut self, message: Message, out: &mut Out<S>) -> Result<(), End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         match message {
             Message::Text(text) => match protocol::parse(&text) {
-                Ok(request) => self.on_request(request, sink).await,
+                Ok(request) => self.on_request(request, out).await,
                 Err(e) => {
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
-                    send_text(sink, e.to_frame()).await
+                    out.text(e.to_frame()).await
                 }
             },
             Message::Binary(_) => {
@@ -223,7 +264,7 @@ impl Session {
                     None,
                     None,
                 );
-                send_text(sink, frame).await
+                out.text(frame).await
             }
             // Pongs are answered by tungstenite; pings only prove liveness.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
@@ -231,19 +272,19 @@ impl Session {
         }
     }
 
-    async fn on_request<S>(&mut self, request: ClientMessage, sink: &mut Sink<S>) -> Result<(), End>
+    async fn on_request<S>(&mut self, request: ClientMessage, out: &mut Out<S>) -> Result<(), End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         match request {
-            ClientMessage::Ping => send_text(sink, protocol::pong_frame()).await,
+            ClientMessage::Ping => out.text(protocol::pong_frame()).await,
             ClientMessage::Subscribe { scope, since_seq } => {
-                self.subscribe(scope, since_seq, sink).await
+                self.subscribe(scope, since_seq, out).await
             }
             ClientMessage::Unsubscribe { scope } => {
                 if let Some(sub) = self.subs.remove(&scope) {
                     self.drop_subscription(sub);
-                    send_text(sink, protocol::unsubscribed_frame(&scope)).await
+                    out.text(protocol::unsubscribed_frame(&scope)).await
                 } else {
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
                     let frame = protocol::error_frame(
@@ -252,7 +293,7 @@ impl Session {
                         Some("unsubscribe"),
                         Some(&scope),
                     );
-                    send_text(sink, frame).await
+                    out.text(frame).await
                 }
             }
             ClientMessage::Auth { .. } => {
@@ -264,7 +305,7 @@ impl Session {
                     Some("auth"),
                     None,
                 );
-                send_text(sink, frame).await
+                out.text(frame).await
             }
         }
     }
@@ -273,7 +314,7 @@ impl Session {
         &mut self,
         scope: String,
         since_seq: Option<u64>,
-        sink: &mut Sink<S>,
+        out: &mut Out<S>,
     ) -> Result<(), End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -287,7 +328,7 @@ impl Session {
                 code::TOO_MANY_SUBSCRIPTIONS,
                 "subscription limit of this connection reached",
             );
-            return send_text(sink, frame).await;
+            return out.text(frame).await;
         }
         let checked = async {
             let allowed = self
@@ -306,12 +347,12 @@ impl Session {
             Ok(None) => {
                 self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
                 let frame = error(code::FORBIDDEN, "not a member of this project");
-                return send_text(sink, frame).await;
+                return out.text(frame).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "subscribe could not reach the database");
                 let frame = error(code::UNAVAILABLE, "database unavailable; retry shortly");
-                return send_text(sink, frame).await;
+                return out.text(frame).await;
             }
         };
         // Re-subscribing replaces the old cursor.
@@ -343,14 +384,12 @@ impl Session {
                 catching_up: false,
             },
         );
-        send_text(sink, protocol::subscribed_frame(&scope, state.latest_seq)).await?;
+        out.text(protocol::subscribed_frame(&scope, state.latest_seq))
+            .await?;
         if let Some(reason) = reset {
             self.ctx.metrics.resets_sent.fetch_add(1, Relaxed);
-            send_text(
-                sink,
-                protocol::reset_frame(&scope, state.latest_seq, reason),
-            )
-            .await?;
+            out.text(protocol::reset_frame(&scope, state.latest_seq, reason))
+                .await?;
         }
         self.wake.notify_one();
         Ok(())
@@ -358,16 +397,16 @@ impl Session {
 
     /// Writes what each subscription has pending, a bounded amount each,
     /// then flushes once. Rings itself again when more is left.
-    async fn pump<S>(&mut self, sink: &mut Sink<S>) -> Result<(), End>
+    async fn pump<S>(&mut self, out: &mut Out<S>) -> Result<(), End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut more = false;
         let scopes: Vec<String> = self.subs.keys().cloned().collect();
         for scope in scopes {
-            more |= self.pump_one(&scope, sink).await?;
+            more |= self.pump_one(&scope, out).await?;
         }
-        sink.flush().await?;
+        out.flush().await?;
         if more {
             self.wake.notify_one();
         }
@@ -375,7 +414,7 @@ impl Session {
     }
 
     /// Returns whether this subscription has more to send right away.
-    async fn pump_one<S>(&mut self, scope: &str, sink: &mut Sink<S>) -> Result<bool, End>
+    async fn pump_one<S>(&mut self, scope: &str, out: &mut Out<S>) -> Result<bool, End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -392,7 +431,7 @@ impl Session {
                 set_catching_up(sub, false, &ctx.metrics);
                 let n = frames.len();
                 for frame in frames {
-                    feed_event(sink, &frame, &ctx.metrics).await?;
+                    feed_event(out, &frame, &ctx.metrics).await?;
                     sub.cursor = frame.seq;
                 }
                 return Ok(n == PUMP_BATCH || sub.topic.head() > sub.cursor);
@@ -437,7 +476,7 @@ impl Session {
                 }
             };
             ctx.metrics.resets_sent.fetch_add(1, Relaxed);
-            sink.feed(text(protocol::reset_frame(
+            out.feed(text(protocol::reset_frame(
                 scope,
                 latest,
                 reset_reason::HISTORY_TRIMMED,
@@ -447,7 +486,7 @@ impl Session {
             return Ok(true);
         }
         for frame in &frames {
-            feed_event(sink, frame, &ctx.metrics).await?;
+            feed_event(out, frame, &ctx.metrics).await?;
             sub.cursor = frame.seq;
         }
         Ok(true)
@@ -484,24 +523,16 @@ fn text(s: String) -> Message {
 }
 
 /// Queues one event frame: the log's bytes, shared, never re-encoded.
-async fn feed_event<S>(sink: &mut Sink<S>, frame: &Frame, metrics: &Metrics) -> Result<(), End>
+async fn feed_event<S>(out: &mut Out<S>, frame: &Frame, metrics: &Metrics) -> Result<(), End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    sink.feed(Message::Text(frame.bytes.clone())).await?;
+    out.feed(Message::Text(frame.bytes.clone())).await?;
     metrics.events_sent.fetch_add(1, Relaxed);
     let now_us = chrono::Utc::now().timestamp_micros();
     metrics
         .delivery_delay
         .observe_us(now_us.saturating_sub(frame.captured_us).max(0) as u64);
-    Ok(())
-}
-
-async fn send_text<S>(sink: &mut Sink<S>, frame: String) -> Result<(), End>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    sink.send(text(frame)).await?;
     Ok(())
 }
 

@@ -147,13 +147,27 @@ async fn restarting_postgres_loses_nothing() {
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let s = server.clone();
-    tokio::task::spawn_blocking(move || {
-        s.pg.stop().expect("stopping postgres");
-        std::thread::sleep(Duration::from_millis(700));
-        s.pg.start_again().expect("starting postgres again");
-    })
-    .await
-    .expect("restart");
+    tokio::task::spawn_blocking(move || s.pg.stop().expect("stopping postgres"))
+        .await
+        .expect("stop");
+    // While the database is away, /healthz says so.
+    let mut down = String::new();
+    for _ in 0..100 {
+        down = http_get(relay.addr, "/healthz").await;
+        if down.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        down.starts_with("HTTP/1.1 503"),
+        "healthz while Postgres is down: {down}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.pg.start_again().expect("starting postgres again"))
+        .await
+        .expect("start");
     let committed = writer.await.expect("writer");
     let last = latest_seq(&db.url, "r").await;
     assert!(

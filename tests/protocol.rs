@@ -127,21 +127,7 @@ async fn missing_bad_and_expired_tokens_are_closed_with_documented_codes() {
 async fn healthz_metrics_and_unknown_routes_answer_json_or_text() {
     let db = TestDb::new().await;
     let relay = start_relay(relay_config(&db.url)).await;
-    let get = |path: &'static str| {
-        let addr = relay.addr;
-        async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .expect("write");
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.expect("read");
-            out
-        }
-    };
+    let get = |path: &'static str| http_get(relay.addr, path);
     let health = get("/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     assert!(health.contains("\"listening\":true"));
