@@ -61,21 +61,21 @@ $$;
 -- The one renderer of an event. With with_data = false it is the NOTIFY
 -- payload; with true it is the client frame. Live delivery, resume and gap
 -- fill all read frames through this function, so they send the same bytes.
--- Cost: one json_build_object per event; the row data is copied once.
+-- Built by concatenation rather than json_build_object: compact, keys in
+-- protocol order, and cheaper. Every text value goes through to_json, which
+-- escapes it.
+-- Cost: one pass over the row data (jsonb to text).
 CREATE OR REPLACE FUNCTION relay.render(e relay.events, with_data boolean DEFAULT true)
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT CASE WHEN with_data THEN
-        json_build_object(
-            'type', 'cache_invalidate', 'resource', e.resource, 'action', e.action,
-            'id', e.row_id, 'project_id', e.scope, 'seq', e.seq,
-            'timestamp', relay.wire_time(e.created_at), 'data', e.data)::text
-    ELSE
-        json_build_object(
-            'type', 'cache_invalidate', 'resource', e.resource, 'action', e.action,
-            'id', e.row_id, 'project_id', e.scope, 'seq', e.seq,
-            'timestamp', relay.wire_time(e.created_at))::text
-    END
+    SELECT '{"type":"cache_invalidate","resource":' || to_json(e.resource)::text
+        || ',"action":' || to_json(e.action)::text
+        || ',"id":' || coalesce(to_json(e.row_id)::text, 'null')
+        || ',"project_id":' || to_json(e.scope)::text
+        || ',"seq":' || e.seq::text
+        || ',"timestamp":"' || relay.wire_time(e.created_at) || '"'
+        || CASE WHEN with_data THEN ',"data":' || e.data::text ELSE '' END
+        || '}'
 $$;
 
 -- Appends one event per row image, in array order, and rings the doorbell
