@@ -268,10 +268,10 @@ CREATE OR REPLACE FUNCTION relay.frames_after(
     p_after     bigint,
     p_limit     int    DEFAULT 500,
     p_max_bytes bigint DEFAULT 4194304
-) RETURNS TABLE (seq bigint, created_at timestamptz, frame text)
+) RETURNS TABLE (seq bigint, created_at timestamptz, resource text, frame text)
 LANGUAGE sql STABLE AS $$
     WITH batch AS (
-        SELECT e.seq, e.created_at, relay.render(e, true) AS frame
+        SELECT e.seq, e.created_at, e.resource, relay.render(e, true) AS frame
         FROM relay.events e
         WHERE e.scope = p_scope AND e.seq > p_after
         ORDER BY e.seq
@@ -280,7 +280,7 @@ LANGUAGE sql STABLE AS $$
         SELECT b.*, sum(octet_length(b.frame)) OVER (ORDER BY b.seq) - octet_length(b.frame) AS bytes_before
         FROM batch b
     )
-    SELECT s.seq, s.created_at, s.frame FROM sized s
+    SELECT s.seq, s.created_at, s.resource, s.frame FROM sized s
     WHERE s.bytes_before < greatest(p_max_bytes, 1)
     ORDER BY s.seq
 $$;
@@ -292,9 +292,9 @@ CREATE OR REPLACE FUNCTION relay.frames_after_many(
     p_after     bigint[],
     p_limit     int    DEFAULT 500,
     p_max_bytes bigint DEFAULT 4194304
-) RETURNS TABLE (scope text, seq bigint, created_at timestamptz, frame text)
+) RETURNS TABLE (scope text, seq bigint, created_at timestamptz, resource text, frame text)
 LANGUAGE sql STABLE AS $$
-    SELECT w.scope, f.seq, f.created_at, f.frame
+    SELECT w.scope, f.seq, f.created_at, f.resource, f.frame
     FROM unnest(p_scopes, p_after) AS w(scope, after_seq)
     CROSS JOIN LATERAL relay.frames_after(w.scope, w.after_seq, p_limit, p_max_bytes) f
     ORDER BY w.scope, f.seq

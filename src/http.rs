@@ -2,8 +2,11 @@
 //! (ready only while LISTENing), `GET /metrics` (Prometheus text). Every
 //! error is a JSON body with a status, never an empty reply.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{self, AuthError, Authenticator};
+use crate::auth::{self, AuthError};
 use crate::metrics::Metrics;
 use crate::protocol::close;
 use crate::session::{self, SessionContext};
@@ -32,8 +35,12 @@ pub type Body = Full<Bytes>;
 /// What request handling shares.
 pub struct HttpState {
     pub sessions: Arc<SessionContext>,
-    pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
+    /// Browser origins allowed to open a WebSocket; empty allows any.
+    pub allowed_origins: Vec<String>,
+    pub max_connections_per_user: usize,
+    /// Open WebSockets per user id.
+    pub user_connections: Arc<Mutex<HashMap<String, usize>>>,
     pub listening: watch::Receiver<bool>,
     /// Inbound WebSocket frame and message limit, in bytes.
     pub max_frame_bytes: usize,
@@ -138,6 +145,14 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
             "Sec-WebSocket-Version must be 13",
         );
     }
+    if !origin_allowed(&req, &state.allowed_origins) {
+        state.metrics.refused_connections.fetch_add(1, Relaxed);
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin may not connect",
+        );
+    }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -147,9 +162,10 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
     };
     let accept = derive_accept_key(key.as_bytes());
     let verdict = match auth::token_from_request(&req) {
-        Some(token) => state.auth.verify(&token),
+        Some(token) => state.sessions.auth.verify(&token),
         None => Err(AuthError::Missing),
-    };
+    }
+    .map_err(Refusal::from);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state2 = state.clone();
     state.tasks.spawn(async move {
@@ -166,8 +182,11 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
         let mut ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
+        let verdict = verdict.and_then(|identity| {
+            ConnectionSlot::take(&state2, &identity.user_id).map(|slot| (identity, slot))
+        });
         match verdict {
-            Ok(identity) => {
+            Ok((identity, _slot)) => {
                 session::run(
                     ws,
                     state2.sessions.clone(),
@@ -176,16 +195,12 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
                 )
                 .await;
             }
-            Err(e) => {
-                let code = match e {
-                    AuthError::Expired => close::TOKEN_EXPIRED,
-                    AuthError::Missing | AuthError::Invalid(_) => close::UNAUTHORIZED,
-                };
-                tracing::debug!(reason = %e, "refusing a connection");
-                let reason = e.to_string();
+            Err(refusal) => {
+                state2.metrics.refused_connections.fetch_add(1, Relaxed);
+                tracing::debug!(reason = %refusal.reason, "refusing a connection");
                 let frame = CloseFrame {
-                    code: CloseCode::from(code),
-                    reason: truncate_reason(&reason).into(),
+                    code: CloseCode::from(refusal.code),
+                    reason: truncate_reason(&refusal.reason).into(),
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(2), async {
                     let _ = ws.close(Some(frame)).await;
@@ -218,4 +233,84 @@ fn truncate_reason(reason: &str) -> &str {
         end -= 1;
     }
     &reason[..end]
+}
+
+/// Why an upgraded connection is closed at once.
+struct Refusal {
+    code: u16,
+    reason: String,
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        let code = match e {
+            AuthError::Expired => close::TOKEN_EXPIRED,
+            AuthError::Missing | AuthError::Invalid(_) | AuthError::Config(_) => {
+                close::UNAUTHORIZED
+            }
+        };
+        Refusal {
+            code,
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// One of a user's connection slots; given back on drop.
+struct ConnectionSlot {
+    user_id: String,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl ConnectionSlot {
+    fn take(state: &HttpState, user_id: &str) -> Result<Self, Refusal> {
+        let mut counts = state
+            .user_connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(user_id.to_string()).or_insert(0);
+        if *n >= state.max_connections_per_user {
+            return Err(Refusal {
+                code: close::RATE_LIMITED,
+                reason: format!(
+                    "too many connections for this user (limit {})",
+                    state.max_connections_per_user
+                ),
+            });
+        }
+        *n += 1;
+        Ok(ConnectionSlot {
+            user_id: user_id.to_string(),
+            counts: state.user_connections.clone(),
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.user_id) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+/// Browsers always send Origin on a WebSocket handshake; other clients
+/// need not. With an allow-list set, a browser from elsewhere is refused
+/// (cross-site WebSocket hijacking), whatever its token.
+fn origin_allowed<B>(req: &Request<B>, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+    {
+        None => true,
+        Some(origin) => allowed.iter().any(|a| a == origin || a == "*"),
+    }
 }

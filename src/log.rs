@@ -32,6 +32,9 @@ pub struct Frame {
     /// When the event was captured, microseconds since the epoch; for the
     /// delivery-delay histogram.
     pub captured_us: i64,
+    /// The event changes membership (a resource named in
+    /// `membership_resources`): subscribers are re-authorized after it.
+    pub membership: bool,
     /// The frame text, rendered once by `relay.render`; shared, never
     /// re-encoded, by every subscriber it is written to.
     pub bytes: Utf8Bytes,
@@ -56,6 +59,8 @@ pub struct ReadLimits {
 pub struct EventLog {
     pool: Pool,
     metrics: Arc<Metrics>,
+    /// Resources whose events change who may read a scope.
+    membership_resources: Arc<[String]>,
 }
 
 impl EventLog {
@@ -63,6 +68,7 @@ impl EventLog {
         database_url: &str,
         size: usize,
         metrics: Arc<Metrics>,
+        membership_resources: &[String],
     ) -> Result<Self, LogError> {
         let mut config: tokio_postgres::Config = database_url.parse().map_err(LogError::Config)?;
         config.application_name("pgrelay");
@@ -79,7 +85,11 @@ impl EventLog {
             .create_timeout(Some(std::time::Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()?;
-        Ok(EventLog { pool, metrics })
+        Ok(EventLog {
+            pool,
+            metrics,
+            membership_resources: membership_resources.into(),
+        })
     }
 
     pub fn pool(&self) -> &Pool {
@@ -107,7 +117,9 @@ impl EventLog {
     ) -> Result<Vec<Frame>, LogError> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached("SELECT seq, created_at, frame FROM relay.frames_after($1, $2, $3, $4)")
+            .prepare_cached(
+                "SELECT seq, created_at, resource, frame FROM relay.frames_after($1, $2, $3, $4)",
+            )
             .await?;
         let rows = client
             .query(
@@ -122,7 +134,7 @@ impl EventLog {
         self.metrics.log_rows.fetch_add(rows.len() as u64, Relaxed);
         Ok(rows
             .into_iter()
-            .map(|r| frame(r.get(0), r.get(1), r.get(2)))
+            .map(|r| self.frame(r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect())
     }
 
@@ -138,7 +150,8 @@ impl EventLog {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT scope, seq, created_at, frame FROM relay.frames_after_many($1, $2, $3, $4)",
+                "SELECT scope, seq, created_at, resource, frame \
+                 FROM relay.frames_after_many($1, $2, $3, $4)",
             )
             .await?;
         let rows = client
@@ -151,7 +164,10 @@ impl EventLog {
         self.metrics.log_rows.fetch_add(rows.len() as u64, Relaxed);
         Ok(rows
             .into_iter()
-            .map(|r| (r.get::<_, String>(0), frame(r.get(1), r.get(2), r.get(3))))
+            .map(|r| {
+                let frame = self.frame(r.get(1), r.get(2), r.get(3), r.get(4));
+                (r.get::<_, String>(0), frame)
+            })
             .collect())
     }
 
@@ -175,10 +191,19 @@ impl EventLog {
     }
 }
 
-fn frame(seq: i64, created_at: chrono::DateTime<chrono::Utc>, text: String) -> Frame {
-    Frame {
-        seq: seq.max(0) as u64,
-        captured_us: created_at.timestamp_micros(),
-        bytes: Utf8Bytes::from(text),
+impl EventLog {
+    fn frame(
+        &self,
+        seq: i64,
+        created_at: chrono::DateTime<chrono::Utc>,
+        resource: &str,
+        text: String,
+    ) -> Frame {
+        Frame {
+            seq: seq.max(0) as u64,
+            captured_us: created_at.timestamp_micros(),
+            membership: self.membership_resources.iter().any(|r| r == resource),
+            bytes: Utf8Bytes::from(text),
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pgrelay::auth::Authenticator;
+use pgrelay::auth::{AuthConfig, Authenticator};
 use pgrelay::embedded_pg::{PgOptions, PgServer};
 use pgrelay::server::{self, RelayConfig};
 use pgrelay::{demo, schema};
@@ -27,7 +27,7 @@ struct Cli {
 enum Cmd {
     /// Run the relay (the default). Without DATABASE_URL, start a private
     /// Postgres with demo data.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the migrations to DATABASE_URL and exit.
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
@@ -65,10 +65,52 @@ struct ServeArgs {
     /// Address and port to serve on.
     #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: String,
-    /// HS256 secret for client tokens. Required with DATABASE_URL; the
-    /// private demo mode makes a random one and prints tokens.
+    /// HS256 secret for client tokens (at least 16 bytes). With
+    /// DATABASE_URL a secret or a public key is required; the private demo
+    /// mode makes a random secret and prints tokens.
     #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// File holding the HS256 secret (trailing newline ignored).
+    #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
+    jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA for RS256, P-256 for ES256) to verify tokens.
+    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
+    jwt_public_key_file: Option<PathBuf>,
+    /// Clock-skew allowance on exp and nbf.
+    #[arg(long, env = "PGRELAY_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    jwt_leeway: Duration,
+    /// Required `aud` claim, if any.
+    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// Required `iss` claim, if any.
+    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Largest inbound WebSocket frame, in bytes.
+    #[arg(long, env = "PGRELAY_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    max_frame_bytes: usize,
+    /// Subscriptions per connection.
+    #[arg(long, env = "PGRELAY_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    max_subscriptions: usize,
+    /// Open connections per user.
+    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    max_connections_per_user: usize,
+    /// Client frames per second per connection (twice that in a burst).
+    #[arg(long, env = "PGRELAY_MAX_FRAMES_PER_SECOND", default_value_t = 50)]
+    max_frames_per_second: u32,
+    /// Concurrent catch-up reads of the event log.
+    #[arg(long, env = "PGRELAY_MAX_BACKFILLS", default_value_t = 8)]
+    max_backfills: usize,
+    /// Comma-separated browser origins allowed to connect (default: any).
+    #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Comma-separated resources whose events change membership.
+    #[arg(
+        long,
+        env = "PGRELAY_MEMBERSHIP_RESOURCES",
+        value_delimiter = ',',
+        default_value = "project_member"
+    )]
+    membership_resources: Vec<String>,
     /// The NOTIFY channel the capture triggers use.
     #[arg(long, env = "PGRELAY_CHANNEL", default_value = "cache_invalidate")]
     channel: String,
@@ -119,8 +161,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    match cli.command.unwrap_or(Cmd::Serve(ServeArgs::default())) {
-        Cmd::Serve(args) => runtime.block_on(serve(args)),
+    match cli.command.unwrap_or_else(|| Cmd::Serve(Box::default())) {
+        Cmd::Serve(args) => runtime.block_on(serve(*args)),
         Cmd::Migrate { database_url } => runtime.block_on(async {
             let applied = schema::migrate(&database_url).await?;
             tracing::info!(applied = ?applied, "migrations up to date");
@@ -135,7 +177,10 @@ fn main() -> anyhow::Result<()> {
             ttl,
             jwt_secret,
         } => {
-            let auth = Authenticator::hs256(jwt_secret.as_bytes(), Duration::ZERO);
+            let auth = Authenticator::new(&AuthConfig {
+                hs256_secret: Some(jwt_secret.into_bytes()),
+                ..AuthConfig::default()
+            })?;
             println!("{}", auth.issue(&user, ttl)?);
             Ok(())
         }
@@ -177,23 +222,55 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             url
         }
     };
-    let jwt_secret = match args.jwt_secret {
-        Some(secret) if !secret.is_empty() => secret,
-        _ if private => random_secret(),
-        _ => anyhow::bail!(
-            "PGRELAY_JWT_SECRET (or --jwt-secret) is required with DATABASE_URL: \
-             it is the HS256 key that client tokens are checked with"
+    let mut secret = match (&args.jwt_secret, &args.jwt_secret_file) {
+        (Some(s), _) if !s.is_empty() => Some(s.clone()),
+        (_, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the JWT secret file {}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string(),
         ),
+        _ => None,
     };
+    let public_key = match &args.jwt_public_key_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading the JWT public key file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    if secret.is_none() && public_key.is_none() {
+        if !private {
+            anyhow::bail!(
+                "PGRELAY_JWT_SECRET (or PGRELAY_JWT_SECRET_FILE, or PGRELAY_JWT_PUBLIC_KEY_FILE) \
+                 is required with DATABASE_URL: it is what client tokens are checked with"
+            );
+        }
+        secret = Some(random_secret());
+    }
     let socket = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let mut config = RelayConfig::new(database_url.clone(), jwt_secret.as_bytes().to_vec());
+    let mut config = RelayConfig::new(database_url.clone(), Vec::new());
+    config.auth = AuthConfig {
+        hs256_secret: secret.clone().map(String::into_bytes),
+        public_key_pem: public_key,
+        leeway: args.jwt_leeway,
+        audience: args.jwt_audience,
+        issuer: args.jwt_issuer,
+    };
     config.channel = args.channel;
+    config.max_frame_bytes = args.max_frame_bytes;
+    config.max_subscriptions_per_connection = args.max_subscriptions;
+    config.max_connections_per_user = args.max_connections_per_user;
+    config.max_frames_per_second = args.max_frames_per_second;
+    config.max_concurrent_backfills = args.max_backfills;
+    config.allowed_origins = args.allowed_origins;
+    config.membership_resources = args.membership_resources;
     let relay = server::start(config, socket).await?;
     let addr = relay.addr;
-    if private {
-        let auth = Authenticator::hs256(jwt_secret.as_bytes(), Duration::ZERO);
+    if let (true, Some(secret)) = (private, &secret) {
+        let auth = Authenticator::hs256(secret.as_bytes(), Duration::ZERO);
         println!("pgrelay is running with a private Postgres and a demo project.");
         println!("  psql {database_url}");
         println!("  WebSocket: ws://{addr}/ws?token=<token>");

@@ -80,6 +80,10 @@ pub struct Metrics {
     pub resets_sent: AtomicU64,
     /// Client frames refused with an `error` frame.
     pub client_errors: AtomicU64,
+    /// Subscriptions ended because a membership change revoked access.
+    pub revocations: AtomicU64,
+    /// Connections refused (bad token, limits, origin).
+    pub refused_connections: AtomicU64,
     /// Commit-to-send delay of event frames.
     pub delivery_delay: Histogram,
 }
@@ -118,7 +122,17 @@ impl Metrics {
                 value.load(Relaxed)
             );
         }
-        let counters: [(&str, &AtomicU64, &str); 11] = [
+        let counters: [(&str, &AtomicU64, &str); 13] = [
+            (
+                "revocations_total",
+                &self.revocations,
+                "Subscriptions ended because membership was revoked.",
+            ),
+            (
+                "refused_connections_total",
+                &self.refused_connections,
+                "Connections refused: bad token, limits or origin.",
+            ),
             (
                 "notices_received_total",
                 &self.notices_received,

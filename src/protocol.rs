@@ -38,6 +38,9 @@ pub mod code {
     pub const NOT_SUBSCRIBED: &str = "not_subscribed";
     pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
     pub const UNAVAILABLE: &str = "unavailable";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const TOKEN_EXPIRED: &str = "token_expired";
 }
 
 /// Longest scope (project id) accepted, as in the SQL side.
@@ -113,10 +116,18 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
     };
     let scope = || -> Result<String, ProtocolError> {
         match obj.get("project_id") {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SCOPE_LEN => Ok(s.clone()),
+            Some(Value::String(s))
+                if !s.is_empty()
+                    && s.len() <= MAX_SCOPE_LEN
+                    && !s.chars().any(char::is_control) =>
+            {
+                Ok(s.clone())
+            }
             Some(Value::String(_)) => Err(ProtocolError::new(
                 code::BAD_REQUEST,
-                format!("\"project_id\" must be 1 to {MAX_SCOPE_LEN} bytes"),
+                format!(
+                    "\"project_id\" must be 1 to {MAX_SCOPE_LEN} bytes without control characters"
+                ),
                 Some(action),
             )),
             Some(_) => Err(ProtocolError::new(

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::{AuthConfig, AuthError, Authenticator};
 use crate::http::{self, HttpState};
 use crate::hub::{Hub, HubLimits};
 use crate::listener::{self, ListenerConfig};
@@ -31,10 +31,11 @@ pub struct RelayConfig {
     pub database_url: String,
     /// The NOTIFY channel (`PGRELAY_CHANNEL`).
     pub channel: String,
-    /// HS256 secret for client tokens.
-    pub jwt_secret: Vec<u8>,
-    /// Clock-skew allowance on `exp`/`nbf`.
-    pub jwt_leeway: Duration,
+    /// How client tokens are checked.
+    pub auth: AuthConfig,
+    /// Resources whose events change membership: subscribers of the scope
+    /// are re-authorized after each (G4).
+    pub membership_resources: Vec<String>,
     /// WebSocket ping period.
     pub ping_interval: Duration,
     /// A peer silent (or accepting no bytes) this long is closed.
@@ -42,6 +43,13 @@ pub struct RelayConfig {
     /// Largest inbound WebSocket message.
     pub max_frame_bytes: usize,
     pub max_subscriptions_per_connection: usize,
+    /// Open WebSockets per user; more are closed with 4029.
+    pub max_connections_per_user: usize,
+    /// Client frames per second per connection (twice that in a burst).
+    pub max_frames_per_second: u32,
+    /// Browser origins allowed to connect; empty allows any. Requests
+    /// without an Origin header (non-browsers) are always allowed.
+    pub allowed_origins: Vec<String>,
     pub max_concurrent_backfills: usize,
     /// Database connections for reads (not counting the LISTEN one).
     pub pool_size: usize,
@@ -66,12 +74,19 @@ impl RelayConfig {
         RelayConfig {
             database_url: database_url.into(),
             channel: "cache_invalidate".into(),
-            jwt_secret: jwt_secret.into(),
-            jwt_leeway: Duration::from_secs(5),
+            auth: AuthConfig {
+                hs256_secret: Some(jwt_secret.into()),
+                leeway: Duration::from_secs(5),
+                ..AuthConfig::default()
+            },
+            membership_resources: vec!["project_member".into()],
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(45),
             max_frame_bytes: 64 * 1024,
             max_subscriptions_per_connection: 100,
+            max_connections_per_user: 32,
+            max_frames_per_second: 50,
+            allowed_origins: Vec::new(),
             max_concurrent_backfills: 8,
             pool_size: 16,
             read_rows: 500,
@@ -93,6 +108,8 @@ pub enum StartError {
     Log(#[from] LogError),
     #[error("listening socket: {0}")]
     Socket(#[from] std::io::Error),
+    #[error("{0}")]
+    Auth(#[from] AuthError),
 }
 
 /// A running relay.
@@ -125,8 +142,14 @@ impl RelayHandle {
 
 pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHandle, StartError> {
     let addr = socket.local_addr()?;
+    let auth = Authenticator::new(&config.auth)?;
     let metrics = Arc::new(Metrics::default());
-    let log = EventLog::connect(&config.database_url, config.pool_size, metrics.clone())?;
+    let log = EventLog::connect(
+        &config.database_url,
+        config.pool_size,
+        metrics.clone(),
+        &config.membership_resources,
+    )?;
     let hub = Arc::new(Hub::new(
         log.clone(),
         metrics.clone(),
@@ -168,6 +191,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         log,
         metrics: metrics.clone(),
         backfills: Semaphore::new(config.max_concurrent_backfills.max(1)),
+        auth,
         limits: SessionLimits {
             ping_interval: config.ping_interval,
             pong_timeout: config.pong_timeout,
@@ -176,13 +200,16 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
                 rows: config.read_rows,
                 bytes: config.read_bytes,
             },
+            max_frames_per_second: config.max_frames_per_second,
         },
     });
     let websockets = TaskTracker::new();
     let state = Arc::new(HttpState {
         sessions,
-        auth: Authenticator::hs256(&config.jwt_secret, config.jwt_leeway),
         metrics: metrics.clone(),
+        allowed_origins: config.allowed_origins.clone(),
+        max_connections_per_user: config.max_connections_per_user,
+        user_connections: Default::default(),
         listening: listening_rx.clone(),
         max_frame_bytes: config.max_frame_bytes,
         shutdown: shutdown.clone(),

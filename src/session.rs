@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Identity;
+use crate::auth::{self, AuthError, Authenticator, Identity};
 use crate::hub::{Hub, RingRead, Topic};
 use crate::log::{EventLog, Frame, LogError, ReadLimits};
 use crate::metrics::Metrics;
@@ -47,6 +47,7 @@ pub struct SessionContext {
     /// Bounds concurrent catch-up reads, so a crowd of slow or resuming
     /// clients cannot take every database connection.
     pub backfills: Semaphore,
+    pub auth: Authenticator,
     pub limits: SessionLimits,
 }
 
@@ -56,6 +57,8 @@ pub struct SessionLimits {
     pub pong_timeout: Duration,
     pub max_subscriptions: usize,
     pub catchup_read: ReadLimits,
+    /// Client frames per second (sustained); twice as many in a burst.
+    pub max_frames_per_second: u32,
 }
 
 struct Subscription {
@@ -65,6 +68,9 @@ struct Subscription {
     cursor: u64,
     /// Fed from the log rather than the ring.
     catching_up: bool,
+    /// A membership event was just sent: ask `relay.authorize` again
+    /// before sending anything after it (G4).
+    recheck: bool,
 }
 
 /// The write half, with a deadline on every write: a peer that accepts no
@@ -142,6 +148,7 @@ pub async fn run<S>(
         subs: HashMap::new(),
         wake: Arc::new(Notify::new()),
         retry_at: None,
+        budget: FrameBudget::new(ctx.limits.max_frames_per_second),
     };
     let end = session.serve(&mut out, &mut stream, &shutdown).await;
     if let End::Close(code, reason) = end {
@@ -174,7 +181,49 @@ struct Session {
     wake: Arc<Notify>,
     /// After a failed log read, when to try again.
     retry_at: Option<Instant>,
+    budget: FrameBudget,
 }
+
+/// A token bucket over client frames: `rate` per second sustained, twice
+/// that in a burst. Refused frames get an error frame; a client that keeps
+/// sending far past its budget is closed, so a flood costs us nothing.
+struct FrameBudget {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+    /// Frames refused since the budget last had room.
+    refused: u32,
+}
+
+impl FrameBudget {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        FrameBudget {
+            rate,
+            tokens: rate * 2.0,
+            last: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate)
+            .min(self.rate * 2.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            true
+        } else {
+            self.refused += 1;
+            false
+        }
+    }
+}
+
+/// Refused frames in a row after which the connection is closed.
+const MAX_REFUSED_IN_A_ROW: u32 = 100;
 
 impl Session {
     async fn serve<S>(
@@ -192,10 +241,14 @@ impl Session {
             tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
         loop {
             let retry = self.retry_at;
+            let expiry = self.expiry();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
                     return End::Close(close::GOING_AWAY, "relay shutting down; reconnect and resume with since_seq");
+                }
+                _ = tokio::time::sleep_until(expiry) => {
+                    return End::Close(close::TOKEN_EXPIRED, "token expired; send {\"action\":\"auth\"} with a fresh token before expiry");
                 }
                 incoming = stream.next() => {
                     last_heard = Instant::now();
@@ -244,10 +297,33 @@ impl Session {
         }
     }
 
+    /// When the current token stops being valid (with the leeway).
+    fn expiry(&self) -> Instant {
+        let deadline = self.identity.expires_at + self.ctx.auth.leeway().as_secs();
+        let left = deadline.saturating_sub(auth::unix_now());
+        Instant::now() + Duration::from_secs(left)
+    }
+
     async fn on_message<S>(&mut self, message: Message, out: &mut Out<S>) -> Result<(), End>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        if matches!(message, Message::Text(_) | Message::Binary(_)) && !self.budget.take() {
+            self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+            if self.budget.refused > MAX_REFUSED_IN_A_ROW {
+                return Err(End::Close(
+                    close::RATE_LIMITED,
+                    "too many frames; slow down",
+                ));
+            }
+            let frame = protocol::error_frame(
+                code::RATE_LIMITED,
+                "too many frames per second; this one was ignored",
+                None,
+                None,
+            );
+            return out.text(frame).await;
+        }
         match message {
             Message::Text(text) => match protocol::parse(&text) {
                 Ok(request) => self.on_request(request, out).await,
@@ -296,15 +372,27 @@ impl Session {
                     out.text(frame).await
                 }
             }
-            ClientMessage::Auth { .. } => {
-                // Token refresh arrives with the authentication work; until
-                // then say so rather than pretend.
-                let frame = protocol::error_frame(
-                    code::UNKNOWN_ACTION,
-                    "token refresh is not supported by this relay yet",
-                    Some("auth"),
-                    None,
-                );
+            ClientMessage::Auth { token } => {
+                let frame = match self.ctx.auth.verify(&token) {
+                    Ok(identity) if identity.user_id == self.identity.user_id => {
+                        let expires_at = identity.expires_at;
+                        self.identity = identity;
+                        serde_json::json!({"type": "authenticated", "user_id": self.identity.user_id, "expires_at": expires_at}).to_string()
+                    }
+                    Ok(_) => protocol::error_frame(
+                        code::FORBIDDEN,
+                        "the new token is for another user; reconnect to change users",
+                        Some("auth"),
+                        None,
+                    ),
+                    Err(e) => {
+                        let code = match e {
+                            AuthError::Expired => code::TOKEN_EXPIRED,
+                            _ => code::UNAUTHORIZED,
+                        };
+                        protocol::error_frame(code, &e.to_string(), Some("auth"), None)
+                    }
+                };
                 out.text(frame).await
             }
         }
@@ -382,6 +470,7 @@ impl Session {
                 id,
                 cursor,
                 catching_up: false,
+                recheck: false,
             },
         );
         out.text(protocol::subscribed_frame(&scope, state.latest_seq))
@@ -422,6 +511,36 @@ impl Session {
         let Some(sub) = self.subs.get_mut(scope) else {
             return Ok(false);
         };
+        if sub.recheck {
+            // A membership event was the last thing sent: nothing more of
+            // this scope goes out until the database says the user may
+            // still read it (G4). On a database error, wait, never assume.
+            if self.retry_at.is_some() {
+                return Ok(false);
+            }
+            match ctx.log.authorize(&self.identity.user_id, scope).await {
+                Ok(true) => sub.recheck = false,
+                Ok(false) => {
+                    if let Some(sub) = self.subs.remove(scope) {
+                        self.drop_subscription(sub);
+                    }
+                    self.ctx.metrics.revocations.fetch_add(1, Relaxed);
+                    let frame = protocol::error_frame(
+                        code::FORBIDDEN,
+                        "membership revoked; this subscription has ended",
+                        Some("subscribe"),
+                        Some(scope),
+                    );
+                    out.feed(text(frame)).await?;
+                    return Ok(false);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-authorizing a subscription failed; retrying");
+                    self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                    return Ok(false);
+                }
+            }
+        }
         match sub.topic.read_after(sub.cursor, PUMP_BATCH) {
             RingRead::UpToDate => {
                 set_catching_up(sub, false, &ctx.metrics);
@@ -429,12 +548,8 @@ impl Session {
             }
             RingRead::Frames(frames) => {
                 set_catching_up(sub, false, &ctx.metrics);
-                let n = frames.len();
-                for frame in frames {
-                    feed_event(out, &frame, &ctx.metrics).await?;
-                    sub.cursor = frame.seq;
-                }
-                return Ok(n == PUMP_BATCH || sub.topic.head() > sub.cursor);
+                let sent = send_frames(out, sub, &frames, &ctx.metrics).await?;
+                return Ok(sub.recheck || sent == PUMP_BATCH || sub.topic.head() > sub.cursor);
             }
             RingRead::Lagged => set_catching_up(sub, true, &ctx.metrics),
         }
@@ -485,10 +600,7 @@ impl Session {
             sub.cursor = latest;
             return Ok(true);
         }
-        for frame in &frames {
-            feed_event(out, frame, &ctx.metrics).await?;
-            sub.cursor = frame.seq;
-        }
+        send_frames(out, sub, &frames, &ctx.metrics).await?;
         Ok(true)
     }
 
@@ -520,6 +632,31 @@ fn set_catching_up(sub: &mut Subscription, on: bool, metrics: &Metrics) {
 
 fn text(s: String) -> Message {
     Message::Text(Utf8Bytes::from(s))
+}
+
+/// Queues frames in order, advancing the cursor, and stops right after a
+/// membership event so the subscription is re-authorized before anything
+/// later goes out. Returns how many were queued.
+async fn send_frames<S>(
+    out: &mut Out<S>,
+    sub: &mut Subscription,
+    frames: &[Frame],
+    metrics: &Metrics,
+) -> Result<usize, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut sent = 0;
+    for frame in frames {
+        feed_event(out, frame, metrics).await?;
+        sub.cursor = frame.seq;
+        sent += 1;
+        if frame.membership {
+            sub.recheck = true;
+            break;
+        }
+    }
+    Ok(sent)
 }
 
 /// Queues one event frame: the log's bytes, shared, never re-encoded.

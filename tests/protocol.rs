@@ -106,7 +106,10 @@ async fn missing_bad_and_expired_tokens_are_closed_with_documented_codes() {
         ("?token=not.a.jwt".to_string(), 4001),
         (
             format!("?token={}", {
-                let other = pgrelay::auth::Authenticator::hs256(b"wrong", Duration::ZERO);
+                let other = pgrelay::auth::Authenticator::hs256(
+                    b"wrong-secret-of-enough-bytes",
+                    Duration::ZERO,
+                );
                 other.issue("ann", Duration::from_secs(60)).expect("sign")
             }),
             4001,

@@ -175,7 +175,7 @@ use pgrelay::server::{RelayConfig, RelayHandle};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
-pub const SECRET: &[u8] = b"test-secret";
+pub const SECRET: &[u8] = b"test-secret-of-enough-bytes";
 
 /// Test timings: faster polling and probing than production, same logic.
 pub fn relay_config(url: &str) -> RelayConfig {
@@ -311,7 +311,12 @@ impl WsClient {
 
     /// The close frame's code, after reading whatever comes first.
     pub async fn close_code(&mut self, secs: u64) -> Option<u16> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        self.try_close_code(Duration::from_secs(secs)).await
+    }
+
+    /// Like `close_code`, with `None` also when nothing comes in time.
+    pub async fn try_close_code(&mut self, wait: Duration) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
                 Err(_) => return None,
@@ -366,4 +371,76 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     out
+}
+
+/// The relay binary as a separate process, so its memory can be measured
+/// apart from the test's clients.
+pub struct RelayProcess {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+}
+
+impl RelayProcess {
+    /// Starts `pgrelay serve` on a free port against `url` with extra
+    /// flags, and waits until `/healthz` says it LISTENs.
+    pub async fn start(url: &str, extra: &[&str]) -> RelayProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(extra)
+            .env("DATABASE_URL", url)
+            .env(
+                "PGRELAY_JWT_SECRET",
+                std::str::from_utf8(SECRET).expect("utf-8"),
+            )
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the pgrelay binary");
+        let relay = RelayProcess { child, addr };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok()
+                && http_get(addr, "/healthz").await.starts_with("HTTP/1.1 200")
+            {
+                return relay;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the relay process did not become healthy");
+    }
+
+    /// Resident memory of the relay process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.child.wait().expect("waiting for the relay")
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
