@@ -64,13 +64,18 @@ $$;
 -- Built by concatenation rather than json_build_object: compact, keys in
 -- protocol order, and cheaper. Every text value goes through to_json, which
 -- escapes it.
--- Cost: one pass over the row data (jsonb to text).
+-- Cost: one pass over the row data (jsonb to text). A notice is at most
+-- about 1.5 KiB: resource <= 64, scope <= 256 and id <= 1024 bytes.
 CREATE OR REPLACE FUNCTION relay.render(e relay.events, with_data boolean DEFAULT true)
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT '{"type":"cache_invalidate","resource":' || to_json(e.resource)::text
         || ',"action":' || to_json(e.action)::text
-        || ',"id":' || coalesce(to_json(e.row_id)::text, 'null')
+        -- A key longer than 1 KiB is left out of the notice (not the
+        -- frame), so the notice stays far below NOTIFY's 8000-byte limit
+        -- whatever the key.
+        || ',"id":' || CASE WHEN with_data OR octet_length(e.row_id) <= 1024
+                            THEN coalesce(to_json(e.row_id)::text, 'null') ELSE 'null' END
         || ',"project_id":' || to_json(e.scope)::text
         || ',"seq":' || e.seq::text
         || ',"timestamp":"' || relay.wire_time(e.created_at) || '"'
@@ -147,7 +152,9 @@ $$;
 CREATE OR REPLACE FUNCTION relay.capture() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_rows jsonb[];
+    v_rows  jsonb[];
+    v_moved jsonb[];
+    v_keys  jsonb;
 BEGIN
     -- DELETE events carry the row as it was; INSERT and UPDATE the row as
     -- it is after the change.
@@ -158,6 +165,23 @@ BEGIN
     END IF;
     IF v_rows IS NOT NULL THEN
         PERFORM relay.append(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_rows);
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        -- A row moved to another scope has left its old one: that scope
+        -- gets a DELETE with the row as it was, so its subscribers drop it
+        -- (and a moved membership is re-checked there: G4).
+        -- Keys of the new images as a jsonb set: lookups stay O(log n)
+        -- whatever plan the planner would pick for a join (a nested loop
+        -- here would make a 10,000-row UPDATE quadratic).
+        SELECT jsonb_object_agg(coalesce(n.d ->> TG_ARGV[2], '') || chr(31) || (n.d ->> TG_ARGV[1]), true)
+        INTO v_keys
+        FROM unnest(v_rows) AS n(d);
+        SELECT array_agg(o.d ORDER BY o.ord) INTO v_moved
+        FROM (SELECT to_jsonb(r) AS d, row_number() OVER () AS ord FROM relay_old_rows r) o
+        WHERE NOT v_keys ? (coalesce(o.d ->> TG_ARGV[2], '') || chr(31) || coalesce(o.d ->> TG_ARGV[1], ''));
+        IF v_moved IS NOT NULL THEN
+            PERFORM relay.append(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2], v_moved);
+        END IF;
     END IF;
     RETURN NULL;
 END
@@ -212,7 +236,8 @@ BEGIN
                    'EXECUTE FUNCTION relay.capture(%L, %L, %L)',
                    p_table, p_resource, p_scope_column, p_id_column);
     EXECUTE format('CREATE TRIGGER relay_capture_update AFTER UPDATE ON %s '
-                   'REFERENCING NEW TABLE AS relay_new_rows FOR EACH STATEMENT '
+                   'REFERENCING OLD TABLE AS relay_old_rows NEW TABLE AS relay_new_rows '
+                   'FOR EACH STATEMENT '
                    'EXECUTE FUNCTION relay.capture(%L, %L, %L)',
                    p_table, p_resource, p_scope_column, p_id_column);
     EXECUTE format('CREATE TRIGGER relay_capture_delete AFTER DELETE ON %s '
@@ -257,7 +282,9 @@ WHERE t.tgname = 'relay_capture_insert';
 
 -- The frames of one scope after a seq, in seq order: the single read path
 -- of live delivery, resume and gap fill. At most p_limit rows and about
--- p_max_bytes of frames (always at least one row, however large), so a
+-- p_max_bytes of frames, but always at least one row if there is one
+-- (even with p_limit 0, or a row larger than the budget), so a reader
+-- always makes progress; a
 -- reader's memory stays bounded whatever the rows' size; a caller that got
 -- a full batch asks again from the last seq it got, so a backlog streams in
 -- batches and is never held whole in memory.

@@ -79,6 +79,9 @@ $$;
 CREATE OR REPLACE TRIGGER messages_assign_seq
     BEFORE INSERT ON chat.messages
     FOR EACH ROW EXECUTE FUNCTION chat.assign_message_seq();
+-- Like the capture triggers: bulk loaders running with
+-- session_replication_role = replica must not skip it.
+ALTER TABLE chat.messages ENABLE ALWAYS TRIGGER messages_assign_seq;
 
 -- Capture: every change to these tables, by any writer, is an event.
 SELECT relay.enable('chat.projects', 'project', 'id', 'id');
@@ -265,9 +268,16 @@ BEGIN
 END
 $$;
 
+-- The latest message seq of a project: the ceiling of read cursors, so a
+-- seq from the future cannot mark messages not yet sent as read.
+CREATE OR REPLACE FUNCTION chat.latest_message_seq(p_project text) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT c.last_seq FROM chat.message_counters c WHERE c.project_id = p_project), 0)
+$$;
+
 -- Marks others' messages up to p_up_to_seq as delivered to p_user and
--- advances the member's delivered cursor. Returns the messages changed.
--- Never moves a status backwards (read stays read).
+-- advances the member's delivered cursor (capped at the latest message).
+-- Returns the messages changed. Never moves a status backwards.
 CREATE OR REPLACE FUNCTION chat.mark_delivered(p_project text, p_user text, p_up_to_seq bigint)
 RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -275,6 +285,7 @@ DECLARE
     v_changed integer;
 BEGIN
     PERFORM chat.require_member(p_project, p_user);
+    p_up_to_seq := least(p_up_to_seq, chat.latest_message_seq(p_project));
     UPDATE chat.project_members m SET last_delivered_seq = p_up_to_seq
     WHERE m.project_id = p_project AND m.user_id = p_user AND m.last_delivered_seq < p_up_to_seq;
     UPDATE chat.messages m SET status = 'delivered'
@@ -286,7 +297,8 @@ END
 $$;
 
 -- Marks others' messages up to p_up_to_seq as read by p_user and advances
--- the member's read (and delivered) cursors. Returns the messages changed.
+-- the member's read (and delivered) cursors, capped at the latest message.
+-- Returns the messages changed.
 CREATE OR REPLACE FUNCTION chat.mark_read(p_project text, p_user text, p_up_to_seq bigint)
 RETURNS integer
 LANGUAGE plpgsql AS $$
@@ -294,6 +306,7 @@ DECLARE
     v_changed integer;
 BEGIN
     PERFORM chat.require_member(p_project, p_user);
+    p_up_to_seq := least(p_up_to_seq, chat.latest_message_seq(p_project));
     UPDATE chat.project_members m
     SET last_read_seq = p_up_to_seq,
         last_delivered_seq = greatest(m.last_delivered_seq, p_up_to_seq)
@@ -326,6 +339,6 @@ CREATE OR REPLACE FUNCTION chat.latest_seq(p_project text, p_user text) RETURNS 
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM chat.require_member(p_project, p_user);
-    RETURN coalesce((SELECT c.last_seq FROM chat.message_counters c WHERE c.project_id = p_project), 0);
+    RETURN chat.latest_message_seq(p_project);
 END
 $$;
