@@ -231,29 +231,8 @@ pub fn token_from_request<B>(req: &hyper::Request<B>) -> Option<String> {
     let query = req.uri().query()?;
     query.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=')?;
-        (key == "token" && !value.is_empty()).then(|| percent_decode(value))
+        (key == "token" && !value.is_empty()).then(|| crate::http::percent_decode(value, true))
     })
-}
-
-/// JWTs are base64url and dots, so decoding only matters for clients that
-/// escape anyway; invalid escapes are kept as they are (and fail
-/// verification).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

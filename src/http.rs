@@ -25,6 +25,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::Api;
 use crate::auth::{self, AuthError};
 use crate::metrics::Metrics;
 use crate::protocol::close;
@@ -35,6 +36,8 @@ pub type Body = Full<Bytes>;
 /// What request handling shares.
 pub struct HttpState {
     pub sessions: Arc<SessionContext>,
+    /// The chat API under `/v1`.
+    pub api: Api,
     pub metrics: Arc<Metrics>,
     /// Browser origins allowed to open a WebSocket; empty allows any.
     pub allowed_origins: Vec<String>,
@@ -54,15 +57,23 @@ pub async fn handle(
     req: Request<Incoming>,
     state: Arc<HttpState>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.uri().path() == "/v1" || req.uri().path().starts_with("/v1/") {
+        return Ok(state.api.handle(req).await);
+    }
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(req, &state),
         (&Method::GET, "/healthz") => healthz(&state),
         (&Method::GET, "/metrics") => metrics(&state).await,
-        (_, "/ws" | "/healthz" | "/metrics") => json_error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-        ),
+        (_, "/ws" | "/healthz" | "/metrics") => {
+            let mut r = json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            r
+        }
         _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
     };
     Ok(response)
@@ -313,4 +324,31 @@ fn origin_allowed<B>(req: &Request<B>, allowed: &[String]) -> bool {
         None => true,
         Some(origin) => allowed.iter().any(|a| a == origin || a == "*"),
     }
+}
+
+/// Decodes `%XX` escapes (and, in query strings, `+` as space). Invalid
+/// escapes are kept as they are; invalid UTF-8 becomes U+FFFD.
+pub fn percent_decode(s: &str, plus_as_space: bool) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if plus_as_space && bytes[i] == b'+' {
+            b' '
+        } else {
+            bytes[i]
+        });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -20,13 +20,16 @@
 //! - [`session`]: one WebSocket: subscriptions, cursors, catch-up from the
 //!   log for clients that fall behind.
 //! - [`protocol`]: client frames in, control frames out, close codes.
-//! - [`auth`]: JWT verification; [`http`]: routes; [`metrics`]: counters
-//!   for `/metrics`; [`server`]: wiring and shutdown.
+//! - [`auth`]: JWT verification; [`http`]: routes; [`api`]: the chat
+//!   HTTP API over the `chat` SQL functions; [`metrics`]: counters for
+//!   `/metrics`; [`server`]: wiring and shutdown.
+//! - [`retention`]: trims the event log on a schedule, one relay at a time.
 //! - [`demo`]: the demo project seeded into a private database.
 //!
 //! See `DESIGN.md` of the project for the guarantees (G1 to G7) each layer
 //! upholds.
 
+pub mod api;
 pub mod auth;
 pub mod demo;
 pub mod embedded_pg;
@@ -36,6 +39,7 @@ pub mod listener;
 pub mod log;
 pub mod metrics;
 pub mod protocol;
+pub mod retention;
 pub mod schema;
 pub mod server;
 pub mod session;

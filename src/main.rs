@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgrelay::auth::{AuthConfig, Authenticator};
 use pgrelay::embedded_pg::{PgOptions, PgServer};
+use pgrelay::retention::RetentionConfig;
 use pgrelay::server::{self, RelayConfig};
 use pgrelay::{demo, schema};
 use tokio::signal::unix::{signal, SignalKind};
@@ -103,6 +104,21 @@ struct ServeArgs {
     /// Comma-separated browser origins allowed to connect (default: any).
     #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
+    /// HTTP API requests per second per user (twice that in a burst).
+    #[arg(long, env = "PGRELAY_API_REQUESTS_PER_SECOND", default_value_t = 50)]
+    api_requests_per_second: u32,
+    /// Newest events kept per project by the retention job, however old.
+    #[arg(long, env = "PGRELAY_RETENTION_KEEP_MIN", default_value_t = 1000)]
+    retention_keep_min: i32,
+    /// Events younger than this are never trimmed.
+    #[arg(long, env = "PGRELAY_RETENTION_MIN_AGE", default_value = "1d", value_parser = parse_duration)]
+    retention_min_age: Duration,
+    /// How often the retention job runs.
+    #[arg(long, env = "PGRELAY_RETENTION_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    retention_interval: Duration,
+    /// Never trim the event log.
+    #[arg(long, env = "PGRELAY_NO_RETENTION")]
+    no_retention: bool,
     /// Comma-separated resources whose events change membership.
     #[arg(
         long,
@@ -267,6 +283,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_concurrent_backfills = args.max_backfills;
     config.allowed_origins = args.allowed_origins;
     config.membership_resources = args.membership_resources;
+    config.api_requests_per_second = args.api_requests_per_second;
+    config.retention = (!args.no_retention).then(|| RetentionConfig {
+        interval: args.retention_interval,
+        keep_min: args.retention_keep_min,
+        min_age: args.retention_min_age,
+        ..RetentionConfig::default()
+    });
     let relay = server::start(config, socket).await?;
     let addr = relay.addr;
     if let (true, Some(secret)) = (private, &secret) {

@@ -84,6 +84,12 @@ pub struct Metrics {
     pub revocations: AtomicU64,
     /// Connections refused (bad token, limits, origin).
     pub refused_connections: AtomicU64,
+    /// 1 while this relay holds the trim lock.
+    pub retention_leader: AtomicI64,
+    /// Trim runs started by this relay.
+    pub retention_runs: AtomicU64,
+    /// Events deleted from the log by this relay's trim runs.
+    pub events_trimmed: AtomicU64,
     /// Commit-to-send delay of event frames.
     pub delivery_delay: Histogram,
 }
@@ -93,7 +99,12 @@ impl Metrics {
     /// `pg_notification_queue_usage()`, read at scrape time.
     pub fn render(&self, queue_usage: Option<f64>) -> String {
         let mut out = String::with_capacity(4096);
-        let gauges: [(&str, &AtomicI64, &str); 4] = [
+        let gauges: [(&str, &AtomicI64, &str); 5] = [
+            (
+                "retention_leader",
+                &self.retention_leader,
+                "1 while this relay is the one trimming the event log.",
+            ),
             (
                 "connections",
                 &self.connections,
@@ -122,7 +133,17 @@ impl Metrics {
                 value.load(Relaxed)
             );
         }
-        let counters: [(&str, &AtomicU64, &str); 13] = [
+        let counters: [(&str, &AtomicU64, &str); 15] = [
+            (
+                "retention_runs_total",
+                &self.retention_runs,
+                "Trim runs of the event log started by this relay.",
+            ),
+            (
+                "events_trimmed_total",
+                &self.events_trimmed,
+                "Events deleted from the log by this relay's trim runs.",
+            ),
             (
                 "revocations_total",
                 &self.revocations,

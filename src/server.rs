@@ -17,12 +17,14 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::Api;
 use crate::auth::{AuthConfig, AuthError, Authenticator};
 use crate::http::{self, HttpState};
 use crate::hub::{Hub, HubLimits};
 use crate::listener::{self, ListenerConfig};
 use crate::log::{EventLog, LogError, ReadLimits};
 use crate::metrics::Metrics;
+use crate::retention::{self, RetentionConfig};
 use crate::session::{SessionContext, SessionLimits};
 
 /// Everything a relay needs to know. Defaults are the documented ones.
@@ -51,6 +53,8 @@ pub struct RelayConfig {
     /// without an Origin header (non-browsers) are always allowed.
     pub allowed_origins: Vec<String>,
     pub max_concurrent_backfills: usize,
+    /// HTTP API requests per second per user (twice that in a burst).
+    pub api_requests_per_second: u32,
     /// Database connections for reads (not counting the LISTEN one).
     pub pool_size: usize,
     /// Per-scope limits of one log read.
@@ -67,6 +71,8 @@ pub struct RelayConfig {
     pub probe_interval: Duration,
     /// How long shutdown waits for clients to take their close frames.
     pub shutdown_grace: Duration,
+    /// Trimming of the event log; `None` leaves the log untrimmed.
+    pub retention: Option<RetentionConfig>,
 }
 
 impl RelayConfig {
@@ -88,6 +94,7 @@ impl RelayConfig {
             max_frames_per_second: 50,
             allowed_origins: Vec::new(),
             max_concurrent_backfills: 8,
+            api_requests_per_second: 50,
             pool_size: 16,
             read_rows: 500,
             read_bytes: 4 << 20,
@@ -97,6 +104,7 @@ impl RelayConfig {
             resync_interval: Duration::from_secs(10),
             probe_interval: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            retention: Some(RetentionConfig::default()),
         }
     }
 }
@@ -186,6 +194,15 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         shutdown.clone(),
     ));
 
+    if let Some(retention) = config.retention.clone() {
+        background.spawn(retention::run(
+            config.database_url.clone(),
+            retention,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+
     let sessions = Arc::new(SessionContext {
         hub,
         log,
@@ -204,7 +221,13 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         },
     });
     let websockets = TaskTracker::new();
+    let api = Api::new(
+        sessions.log.clone(),
+        sessions.auth.clone(),
+        config.api_requests_per_second,
+    );
     let state = Arc::new(HttpState {
+        api,
         sessions,
         metrics: metrics.clone(),
         allowed_origins: config.allowed_origins.clone(),

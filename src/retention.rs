@@ -1,0 +1,129 @@
+//! Retention: trims the event log on a schedule, from one relay process at
+//! a time.
+//!
+//! The trimmer is whoever holds a session-level advisory lock on its own
+//! connection; the others try again each period, so if the holder dies its
+//! connection closes, the lock goes, and another relay takes over. Each run
+//! calls `relay.trim` in small batches with a pause between them, so it
+//! never holds many row locks or competes long with writers. Clients that
+//! resume from before the trimmed horizon get `reset` (G3), never a silent
+//! gap.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Advisory-lock key of the trimmer ("pgrelay" + 2).
+const TRIM_LOCK: i64 = 0x7067_7265_6c61_7902;
+
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// How often a run starts.
+    pub interval: Duration,
+    /// Newest events kept per scope, however old.
+    pub keep_min: i32,
+    /// Events younger than this are kept.
+    pub min_age: Duration,
+    /// Rows deleted per `relay.trim` call.
+    pub batch: i32,
+    /// Pause between batches of one run.
+    pub pause: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            interval: Duration::from_secs(60),
+            keep_min: 1000,
+            min_age: Duration::from_secs(24 * 3600),
+            batch: 1000,
+            pause: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Runs until shutdown.
+pub async fn run(
+    database_url: String,
+    config: RetentionConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut leader: Option<Client> = None;
+    loop {
+        if leader.as_ref().is_some_and(Client::is_closed) {
+            leader = None;
+            metrics.retention_leader.store(0, Relaxed);
+        }
+        if leader.is_none() {
+            leader = try_lead(&database_url).await;
+            metrics
+                .retention_leader
+                .store(i64::from(leader.is_some()), Relaxed);
+        }
+        if let Some(client) = &leader {
+            match trim_run(client, &config, &metrics, &shutdown).await {
+                Ok(deleted) if deleted > 0 => {
+                    tracing::info!(deleted, "trimmed the event log");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "trimming the event log failed");
+                    leader = None;
+                    metrics.retention_leader.store(0, Relaxed);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(config.interval) => {}
+        }
+    }
+}
+
+/// A connection holding the trim lock, or `None` if another relay has it
+/// (or the database is away).
+async fn try_lead(database_url: &str) -> Option<Client> {
+    let mut pg: tokio_postgres::Config = database_url.parse().ok()?;
+    pg.application_name("pgrelay-retention");
+    let (client, connection) = pg.connect(NoTls).await.ok()?;
+    tokio::spawn(connection);
+    let row = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&TRIM_LOCK])
+        .await
+        .ok()?;
+    row.get::<_, bool>(0).then_some(client)
+}
+
+async fn trim_run(
+    client: &Client,
+    config: &RetentionConfig,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<i64, tokio_postgres::Error> {
+    let stmt = client
+        .prepare("SELECT relay.trim($1, make_interval(secs => $2), $3)")
+        .await?;
+    let min_age = config.min_age.as_secs_f64();
+    let mut total = 0;
+    metrics.retention_runs.fetch_add(1, Relaxed);
+    loop {
+        let deleted: i64 = client
+            .query_one(&stmt, &[&config.keep_min, &min_age, &config.batch])
+            .await?
+            .get(0);
+        total += deleted;
+        metrics
+            .events_trimmed
+            .fetch_add(deleted.max(0) as u64, Relaxed);
+        if deleted < i64::from(config.batch) || shutdown.is_cancelled() {
+            return Ok(total);
+        }
+        tokio::time::sleep(config.pause).await;
+    }
+}
