@@ -63,6 +63,7 @@ pub async fn handle(
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => upgrade(req, &state),
         (&Method::GET, "/healthz") => healthz(&state),
+        (&Method::GET, "/") => demo_page(),
         (&Method::GET, "/metrics") => metrics(&state).await,
         (_, "/ws" | "/healthz" | "/metrics") => {
             let mut r = json_error(
@@ -91,6 +92,17 @@ pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Bo
 
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json_response(status, json!({"error": {"code": code, "message": message}}))
+}
+
+/// The demo chat page: a complete client in one file (history over HTTP,
+/// live events over the WebSocket, resume with since_seq).
+fn demo_page() -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(include_bytes!("demo.html"))));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
 }
 
 fn healthz(state: &HttpState) -> Response<Body> {

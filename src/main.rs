@@ -298,13 +298,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         println!("  psql {database_url}");
         println!("  WebSocket: ws://{addr}/ws?token=<token>");
         for user in demo::DEMO_USERS {
-            println!(
-                "  token for {user} (24h): {}",
-                auth.issue(user, Duration::from_secs(86_400))?
-            );
+            let token = auth.issue(user, Duration::from_secs(86_400))?;
+            println!("  demo page as {user}: http://{addr}/?token={token}");
         }
         println!(
-            "  then send {{\"action\":\"subscribe\",\"project_id\":\"{}\"}} and write to chat.messages with psql",
+            "  or write with psql: INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('{}', 'bob', 'hi');",
             demo::DEMO_PROJECT
         );
     }

@@ -150,6 +150,9 @@ async fn healthz_metrics_and_unknown_routes_answer_json_or_text() {
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
+    let page = get("/").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("text/html") && page.contains("<title>pgrelay demo chat</title>"));
     let missing = get("/nope").await;
     assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     assert!(missing.contains("\"error\""));
