@@ -106,11 +106,19 @@ impl Topic {
     }
 }
 
+/// The fetcher's work list.
+#[derive(Default)]
+struct Dirty {
+    reasons: HashMap<String, Reason>,
+    order: VecDeque<String>,
+}
+
 /// The scope -> topic map and the fetcher's work list.
 pub struct Hub {
     topics: Mutex<HashMap<String, Arc<Topic>>>,
-    /// Topics waiting for a read, and why.
-    dirty: Mutex<HashMap<String, Reason>>,
+    /// Topics waiting for a read, and why, in arrival order: a FIFO, so a
+    /// few backlogged scopes cannot starve the others.
+    dirty: Mutex<Dirty>,
     fetcher_wake: Notify,
     next_subscriber: AtomicU64,
     log: EventLog,
@@ -122,7 +130,7 @@ impl Hub {
     pub fn new(log: EventLog, metrics: Arc<Metrics>, limits: HubLimits) -> Self {
         Hub {
             topics: Mutex::new(HashMap::new()),
-            dirty: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(Dirty::default()),
             fetcher_wake: Notify::new(),
             next_subscriber: AtomicU64::new(1),
             log,
@@ -139,14 +147,15 @@ impl Hub {
         let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
         // A notice read does not count found events as gaps; a resync
         // does. Notice wins so a real notice is never counted as a gap.
-        match dirty.get_mut(scope) {
+        match dirty.reasons.get_mut(scope) {
             Some(r) => {
                 if reason == Reason::Notice {
                     *r = Reason::Notice;
                 }
             }
             None => {
-                dirty.insert(scope.to_string(), reason);
+                dirty.reasons.insert(scope.to_string(), reason);
+                dirty.order.push_back(scope.to_string());
             }
         }
         drop(dirty);
@@ -273,14 +282,16 @@ impl Hub {
     fn take_dirty(&self) -> Vec<(Arc<Topic>, Reason, u64, u64)> {
         let picked: Vec<(String, Reason)> = {
             let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-            let keys: Vec<String> = dirty
-                .keys()
-                .take(self.limits.scopes_per_read)
-                .cloned()
-                .collect();
-            keys.into_iter()
-                .filter_map(|k| dirty.remove_entry(&k))
-                .collect()
+            let mut picked = Vec::new();
+            while picked.len() < self.limits.scopes_per_read {
+                let Some(scope) = dirty.order.pop_front() else {
+                    break;
+                };
+                if let Some(reason) = dirty.reasons.remove(&scope) {
+                    picked.push((scope, reason));
+                }
+            }
+            picked
         };
         let topics = self.topics();
         picked

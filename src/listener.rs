@@ -108,6 +108,8 @@ async fn session(
     pg.application_name("pgrelay-listener")
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
         .connect_timeout(Duration::from_secs(5));
     let (client, mut connection) = pg.connect(NoTls).await.map_err(SessionEnd::Connect)?;
 
@@ -141,18 +143,24 @@ async fn session(
     };
     let mut driver = std::pin::pin!(driver);
 
-    client
-        .batch_execute(&format!(
-            "LISTEN {}; LISTEN {}",
-            quote_ident(&config.channel),
-            quote_ident(&probe_channel)
-        ))
+    let listen = format!(
+        "LISTEN {}; LISTEN {}",
+        quote_ident(&config.channel),
+        quote_ident(&probe_channel)
+    );
+    tokio::time::timeout(PROBE_TIMEOUT, client.batch_execute(&listen))
         .await
+        .map_err(|_| SessionEnd::ProbeLost(PROBE_TIMEOUT))?
         .map_err(SessionEnd::Command)?;
 
     // The triggers ring the channel the database is configured with; a
     // relay listening elsewhere would only ever poll. Say so loudly.
-    if let Ok(row) = client.query_one("SELECT relay.channel()", &[]).await {
+    if let Ok(Ok(row)) = tokio::time::timeout(
+        PROBE_TIMEOUT,
+        client.query_one("SELECT relay.channel()", &[]),
+    )
+    .await
+    {
         let db_channel: String = row.get(0);
         if db_channel != config.channel {
             tracing::error!(relay_channel = %config.channel, database_channel = %db_channel,
@@ -164,10 +172,14 @@ async fn session(
     loop {
         nonce += 1;
         let payload = nonce.to_string();
-        client
-            .execute("SELECT pg_notify($1, $2)", &[&probe_channel, &payload])
-            .await
-            .map_err(SessionEnd::Command)?;
+        // Bounded: on a half-open connection the send itself can hang.
+        tokio::time::timeout(
+            PROBE_TIMEOUT,
+            client.execute("SELECT pg_notify($1, $2)", &[&probe_channel, &payload]),
+        )
+        .await
+        .map_err(|_| SessionEnd::ProbeLost(PROBE_TIMEOUT))?
+        .map_err(SessionEnd::Command)?;
         let proven = tokio::time::timeout(PROBE_TIMEOUT, async {
             while let Some(p) = probe_rx.recv().await {
                 if p == payload {

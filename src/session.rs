@@ -136,7 +136,7 @@ pub async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    ctx.metrics.connections.fetch_add(1, Relaxed);
+    let _counted = ConnectionCount::new(ctx.metrics.clone());
     let (sink, mut stream) = ws.split();
     let mut out = Out {
         sink,
@@ -169,8 +169,31 @@ pub async fn run<S>(
         })
         .await;
     }
-    session.unsubscribe_all();
-    ctx.metrics.connections.fetch_sub(1, Relaxed);
+    // Dropping the session (here, or while unwinding from a panic)
+    // removes its subscriptions from the hub.
+    drop(session);
+}
+
+/// Counts an open connection for as long as it lives, panics included.
+struct ConnectionCount(Arc<Metrics>);
+
+impl ConnectionCount {
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.connections.fetch_add(1, Relaxed);
+        ConnectionCount(metrics)
+    }
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.unsubscribe_all();
+    }
 }
 
 struct Session {
@@ -236,7 +259,9 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let limits = self.ctx.limits;
-        let mut last_heard = Instant::now();
+        // When the oldest ping still unanswered was sent: liveness is
+        // judged against pings actually sent, never against plain silence.
+        let mut unanswered_since: Option<Instant> = None;
         let mut ping =
             tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
         loop {
@@ -251,7 +276,7 @@ impl Session {
                     return End::Close(close::TOKEN_EXPIRED, "token expired; send {\"action\":\"auth\"} with a fresh token before expiry");
                 }
                 incoming = stream.next() => {
-                    last_heard = Instant::now();
+                    unanswered_since = None;
                     let result = match incoming {
                         None => return End::Gone,
                         Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. })))
@@ -268,6 +293,21 @@ impl Session {
                         return end;
                     }
                 }
+                // Before `wake`: a long catch-up keeps `wake` ready all the
+                // time and must not starve the pings.
+                _ = ping.tick() => {
+                    if unanswered_since.is_some_and(|t| t.elapsed() > limits.pong_timeout) {
+                        return End::Close(close::UNRESPONSIVE, "no answer to pings");
+                    }
+                    let sent = async {
+                        out.feed(Message::Ping(Default::default())).await?;
+                        out.flush().await
+                    };
+                    if let Err(end) = sent.await {
+                        return end;
+                    }
+                    unanswered_since.get_or_insert_with(Instant::now);
+                }
                 _ = self.wake.notified() => {
                     let pumped = tokio::select! {
                         _ = shutdown.cancelled() => continue,
@@ -281,26 +321,20 @@ impl Session {
                     self.retry_at = None;
                     self.wake.notify_one();
                 }
-                _ = ping.tick() => {
-                    if last_heard.elapsed() > limits.pong_timeout {
-                        return End::Close(close::UNRESPONSIVE, "no answer to pings");
-                    }
-                    let sent = async {
-                        out.feed(Message::Ping(Default::default())).await?;
-                        out.flush().await
-                    };
-                    if let Err(end) = sent.await {
-                        return end;
-                    }
-                }
             }
         }
     }
 
     /// When the current token stops being valid (with the leeway).
+    /// Tokens that never expire in practice (a far-future `exp`) are
+    /// re-checked at least yearly rather than overflowing the clock.
     fn expiry(&self) -> Instant {
-        let deadline = self.identity.expires_at + self.ctx.auth.leeway().as_secs();
-        let left = deadline.saturating_sub(auth::unix_now());
+        const YEAR: u64 = 365 * 24 * 3600;
+        let deadline = self
+            .identity
+            .expires_at
+            .saturating_add(self.ctx.auth.leeway().as_secs());
+        let left = deadline.saturating_sub(auth::unix_now()).min(YEAR);
         Instant::now() + Duration::from_secs(left)
     }
 
@@ -418,21 +452,29 @@ impl Session {
             );
             return out.text(frame).await;
         }
+        // The state is read before authorizing: a revocation committed after
+        // the state was read has a higher seq, so it reaches this client
+        // and triggers a re-check; one committed before is seen by
+        // authorize. (The other order would let a revocation fall between
+        // the two and be skipped: G4.)
         let checked = async {
+            let _permit = self.ctx.backfills.acquire().await;
+            let state = self.ctx.log.scope_state(&scope).await?;
             let allowed = self
                 .ctx
                 .log
                 .authorize(&self.identity.user_id, &scope)
                 .await?;
-            if !allowed {
-                return Ok::<_, LogError>(None);
-            }
-            Ok(Some(self.ctx.log.scope_state(&scope).await?))
+            Ok::<_, LogError>(allowed.then_some(state))
         }
         .await;
         let state = match checked {
             Ok(Some(state)) => state,
             Ok(None) => {
+                // Refused now: whatever was allowed before ends too.
+                if let Some(old) = self.subs.remove(&scope) {
+                    self.drop_subscription(old);
+                }
                 self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
                 let frame = error(code::FORBIDDEN, "not a member of this project");
                 return out.text(frame).await;
@@ -518,7 +560,11 @@ impl Session {
             if self.retry_at.is_some() {
                 return Ok(false);
             }
-            match ctx.log.authorize(&self.identity.user_id, scope).await {
+            let verdict = {
+                let _permit = ctx.backfills.acquire().await;
+                ctx.log.authorize(&self.identity.user_id, scope).await
+            };
+            match verdict {
                 Ok(true) => sub.recheck = false,
                 Ok(false) => {
                     if let Some(sub) = self.subs.remove(scope) {
@@ -574,9 +620,8 @@ impl Session {
             }
         };
         if frames.first().map(|f| f.seq) != Some(sub.cursor + 1) {
-            if frames.is_empty() {
-                // The log has nothing after the cursor yet; the ring will
-                // ring us when it does.
+            if frames.is_empty() && sub.topic.head() <= sub.cursor {
+                // Nothing after the cursor yet; the ring will ring us.
                 set_catching_up(sub, false, &ctx.metrics);
                 return Ok(false);
             }
@@ -598,6 +643,8 @@ impl Session {
             )))
             .await?;
             sub.cursor = latest;
+            // The skipped range may have held a membership change.
+            sub.recheck = true;
             return Ok(true);
         }
         send_frames(out, sub, &frames, &ctx.metrics).await?;

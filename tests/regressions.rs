@@ -1,0 +1,285 @@
+//! Regressions found in review, each a way the guarantees were once broken:
+//! a revocation racing a subscribe (G4), a reset skipping a membership
+//! event (G4), pings starved by a long catch-up (G7), a refused
+//! re-subscribe that kept the old one running (G4), and a far-future token
+//! expiry that panicked a session and leaked its subscription.
+
+mod common;
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Drains frames for `secs`; returns all cache_invalidate seqs and whether
+/// a forbidden error arrived.
+async fn drain(c: &mut WsClient, secs: u64) -> (Vec<u64>, bool, Vec<serde_json::Value>) {
+    let mut seqs = Vec::new();
+    let mut forbidden = false;
+    let mut all = Vec::new();
+    while let Some(f) = c.try_next_json(Duration::from_secs(secs)).await {
+        if f["type"] == "cache_invalidate" {
+            seqs.push(f["seq"].as_u64().expect("test step"));
+        } else if f["type"] == "error" && f["code"] == "forbidden" {
+            forbidden = true;
+        }
+        all.push(f);
+    }
+    (seqs, forbidden, all)
+}
+
+/// G4: a revocation committed while a subscribe is being authorized must
+/// still end the subscription (the state is read before authorizing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_racing_a_subscribe_is_never_skipped() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "team", &["ann", "bob"]).await;
+    // Same rule as the default, but slow for bob (as a real, heavier
+    // authorize query could be): the answer is computed, then 1 s passes.
+    c.batch_execute(
+        "CREATE OR REPLACE FUNCTION relay.authorize(user_id text, scope text) RETURNS boolean
+         LANGUAGE plpgsql VOLATILE AS $f$
+         DECLARE v boolean;
+         BEGIN
+           SELECT EXISTS (SELECT 1 FROM chat.project_members m
+                          WHERE m.project_id = authorize.scope AND m.user_id = authorize.user_id) INTO v;
+           IF authorize.user_id = 'bob' THEN PERFORM pg_sleep(1); END IF;
+           RETURN v;
+         END $f$;",
+    )
+    .await
+    .expect("test step");
+    let relay = start_relay(relay_config(&db.url)).await;
+    let mut bob = WsClient::connect(relay.addr, "bob").await;
+    bob.send_json(json!({"action":"subscribe","project_id":"team"}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Revoke while the subscribe's authorize is in flight.
+    c.execute(
+        "DELETE FROM chat.project_members WHERE project_id='team' AND user_id='bob'",
+        &[],
+    )
+    .await
+    .expect("test step");
+    let sub = bob.next_json(10).await;
+    println!("bob got: {sub}");
+    c.execute(
+        "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','after bob left')",
+        &[],
+    )
+    .await
+    .expect("test step");
+    let (seqs, forbidden, all) = drain(&mut bob, 3).await;
+    println!("bob afterwards: {all:?}");
+    let revoked_at: i64 = c
+        .query_one(
+            "SELECT seq FROM relay.events WHERE scope = 'team' AND resource = 'project_member'
+               AND action = 'DELETE' AND row_id = 'bob'",
+            &[],
+        )
+        .await
+        .expect("the revoking seq")
+        .get(0);
+    // Bob may see his own removal, never anything after it.
+    assert!(
+        seqs.iter().all(|s| *s <= revoked_at as u64),
+        "bob (no longer a member since seq {revoked_at}) received events {seqs:?}"
+    );
+    assert!(
+        forbidden || seqs.is_empty(),
+        "bob was told, or saw nothing at all"
+    );
+    relay.shutdown().await;
+}
+
+/// G4: when the log does not continue from a cursor (trim overtook a
+/// lagging subscriber; simulated by deleting one event in the writing
+/// transaction), the `reset` jumps over a membership event, so the
+/// subscription must be re-authorized before anything later is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_over_a_membership_event_re_checks_membership() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "team", &["ann", "bob"]).await;
+    let relay = start_relay(relay_config(&db.url)).await;
+    let mut bob = WsClient::connect(relay.addr, "bob").await;
+    let start = bob.subscribe("team", None).await["seq"]
+        .as_u64()
+        .expect("test step");
+    c.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','x');
+         DELETE FROM chat.project_members WHERE project_id='team' AND user_id='bob';
+         INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','y');
+         DELETE FROM relay.events WHERE scope='team' AND seq={};
+         COMMIT;",
+        start + 1
+    ))
+    .await
+    .expect("test step");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.execute(
+        "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','secret')",
+        &[],
+    )
+    .await
+    .expect("test step");
+    let (seqs, forbidden, all) = drain(&mut bob, 3).await;
+    println!("bob got: {all:?}");
+    assert!(
+        !seqs.contains(&(start + 4)),
+        "bob, removed at seq {}, received seq {} (forbidden={forbidden})",
+        start + 2,
+        start + 4
+    );
+    relay.shutdown().await;
+}
+
+/// G7: a long catch-up keeps the session busy; pings must still go out and
+/// a client that reads and answers them must not be closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_catch_up_keeps_pinging_a_healthy_client() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "big", &["ann"]).await;
+    c.execute(
+        "INSERT INTO chat.messages (project_id, sender_id, body)
+         SELECT 'big', 'ann', repeat('x', 2000) || g FROM generate_series(1, 6000) g",
+        &[],
+    )
+    .await
+    .expect("test step");
+    let mut config = relay_config(&db.url);
+    config.ping_interval = Duration::from_millis(200);
+    config.pong_timeout = Duration::from_millis(1500);
+    config.read_rows = 20;
+    let relay = start_relay(config).await;
+    let mut ann = WsClient::connect(relay.addr, "ann").await;
+    let latest = ann.subscribe("big", Some(0)).await["seq"]
+        .as_u64()
+        .expect("test step");
+    // A healthy but modest reader: reads everything, answers pings (the
+    // tungstenite client does so while reading), ~1 ms per frame.
+    let mut n = 0u64;
+    let mut pings = 0u64;
+    let t0 = std::time::Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ann.ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => {
+                n += 1;
+                if n.is_multiple_of(4) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(Message::Close(f)))) => {
+                panic!(
+                    "healthy client closed after {n} of {latest} events, {:?}, pings seen {pings}: {f:?}",
+                    t0.elapsed()
+                )
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("unexpected {other:?} after {n} events"),
+        }
+        if n >= latest {
+            break;
+        }
+    }
+    // Stay connected a little: a healthy client must not be closed now.
+    if let Some(code) = ann.try_close_code(Duration::from_millis(800)).await {
+        panic!(
+            "closed with {code} right after catch-up ({:?}, pings seen {pings})",
+            t0.elapsed()
+        );
+    }
+    relay.shutdown().await;
+}
+
+/// A re-subscribe refused as forbidden must end the old subscription too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_re_subscribe_ends_the_old_subscription() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "team", &["ann", "bob"]).await;
+    // An app rule that also depends on an untracked table.
+    c.batch_execute(
+        "CREATE TABLE banned (user_id text primary key);
+         CREATE OR REPLACE FUNCTION relay.authorize(user_id text, scope text) RETURNS boolean
+         LANGUAGE sql STABLE AS $f$
+           SELECT EXISTS (SELECT 1 FROM chat.project_members m
+                          WHERE m.project_id = authorize.scope AND m.user_id = authorize.user_id)
+              AND NOT EXISTS (SELECT 1 FROM banned b WHERE b.user_id = authorize.user_id)
+         $f$;",
+    )
+    .await
+    .expect("test step");
+    let relay = start_relay(relay_config(&db.url)).await;
+    let mut bob = WsClient::connect(relay.addr, "bob").await;
+    bob.subscribe("team", None).await;
+    c.execute("INSERT INTO banned VALUES ('bob')", &[])
+        .await
+        .expect("test step");
+    bob.send_json(json!({"action":"subscribe","project_id":"team"}))
+        .await;
+    let f = bob.next_json(10).await;
+    assert_eq!(f["code"], "forbidden", "{f}");
+    c.execute(
+        "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','after ban')",
+        &[],
+    )
+    .await
+    .expect("test step");
+    let (seqs, _, _) = drain(&mut bob, 2).await;
+    assert!(seqs.is_empty(), "told forbidden, yet received {seqs:?}");
+    relay.shutdown().await;
+}
+
+/// A validly signed token with a far-future `exp` once overflowed the
+/// expiry timer and panicked the session, leaking its subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_expiry_neither_panics_nor_leaks() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "team", &["ann"]).await;
+    let relay = start_relay(relay_config(&db.url)).await;
+    let mut ann = WsClient::connect(relay.addr, "ann").await;
+    ann.subscribe("team", None).await;
+    let far = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "ann", "exp": 10_000_000_000_000_000_000u64}),
+        &EncodingKey::from_secret(SECRET),
+    )
+    .expect("test step");
+    ann.send_json(json!({"action":"auth","token": far})).await;
+    let mut outcome = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), ann.ws.next()).await {
+            Ok(Some(Ok(m))) => outcome.push(format!("{m:?}")),
+            Ok(Some(Err(e))) => {
+                outcome.push(format!("error {e}"));
+                break;
+            }
+            Ok(None) => {
+                outcome.push("ended".into());
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    drop(ann);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let subs = relay.metrics.subscriptions.load(Relaxed);
+    let conns = relay.metrics.connections.load(Relaxed);
+    println!("client saw {outcome:?}; subscriptions={subs} connections={conns}");
+    assert_eq!(
+        subs, 0,
+        "subscription leaked after the session ended: {outcome:?}"
+    );
+    assert_eq!(conns, 0, "connection gauge leaked: {outcome:?}");
+    relay.shutdown().await;
+}
