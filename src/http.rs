@@ -199,7 +199,12 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
                 return;
             }
         };
+        // The read buffer is allocated up front for every connection;
+        // clients send small control frames, so 4 KiB (not tungstenite's
+        // 128 KiB) keeps an idle connection cheap. Larger frames still
+        // arrive whole: the buffer only sizes each socket read.
         let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
             .max_message_size(Some(state2.max_frame_bytes))
             .max_frame_size(Some(state2.max_frame_bytes));
         let mut ws =
