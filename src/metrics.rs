@@ -90,6 +90,9 @@ pub struct Metrics {
     pub retention_runs: AtomicU64,
     /// Events deleted from the log by this relay's trim runs.
     pub events_trimmed: AtomicU64,
+    /// Age of the oldest event kept in the log, in milliseconds, as of
+    /// this relay's last trim run (0 before one, or with an empty log).
+    pub oldest_event_age_ms: AtomicI64,
     /// Commit-to-send delay of event frames.
     pub delivery_delay: Histogram,
 }
@@ -217,6 +220,12 @@ impl Metrics {
             &mut out,
             "pgrelay_delivery_delay_seconds",
             "Delay from an event's capture in the database to its send to a client.",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pgrelay_oldest_event_age_seconds Age of the oldest event kept in the log, as of the last trim run.\n\
+             # TYPE pgrelay_oldest_event_age_seconds gauge\npgrelay_oldest_event_age_seconds {}",
+            self.oldest_event_age_ms.load(Relaxed) as f64 / 1000.0
         );
         if let Some(usage) = queue_usage {
             let _ = writeln!(

@@ -122,8 +122,29 @@ async fn trim_run(
             .events_trimmed
             .fetch_add(deleted.max(0) as u64, Relaxed);
         if deleted < i64::from(config.batch) || shutdown.is_cancelled() {
+            record_oldest(client, metrics).await?;
             return Ok(total);
         }
         tokio::time::sleep(config.pause).await;
     }
+}
+
+/// Records how old the oldest event still in the log is. Seqs are per
+/// scope, so the age is what says how far back clients can resume; it is
+/// found with one primary-key lookup per scope, never a scan of the log.
+async fn record_oldest(client: &Client, metrics: &Metrics) -> Result<(), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT extract(epoch FROM now() - min(first.created_at))::float8
+             FROM relay.scope_counter c
+             CROSS JOIN LATERAL (SELECT e.created_at FROM relay.events e
+                                 WHERE e.scope = c.scope ORDER BY e.seq LIMIT 1) first",
+            &[],
+        )
+        .await?;
+    let age: Option<f64> = row.get(0);
+    metrics
+        .oldest_event_age_ms
+        .store(age.map(|a| (a * 1000.0) as i64).unwrap_or(0), Relaxed);
+    Ok(())
 }

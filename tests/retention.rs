@@ -107,6 +107,9 @@ async fn trimming_under_load_never_silently_skips_an_event() {
         "the retention job trimmed while clients resumed"
     );
     assert_eq!(relay.metrics.retention_leader.load(Relaxed), 1);
+    let oldest_ms = relay.metrics.oldest_event_age_ms.load(Relaxed);
+    assert!(oldest_ms > 0, "the oldest retained event's age is recorded");
+    println!("oldest retained event age after the run: {oldest_ms} ms");
     relay.shutdown().await;
 }
 
