@@ -105,18 +105,42 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_bad   jsonb;
     v_count bigint;
+    v_one   jsonb;
+    v_seq   bigint;
+    v_event relay.events;
 BEGIN
-    SELECT d INTO v_bad
-    FROM unnest(p_rows) AS u(d)
-    WHERE d ->> p_scope_col IS NULL OR length(d ->> p_scope_col) > 256
-    LIMIT 1;
-    IF FOUND THEN
+    IF cardinality(p_rows) = 1 THEN
+        v_one := p_rows[1];
+        IF v_one ->> p_scope_col IS NULL OR length(v_one ->> p_scope_col) > 256 THEN
+            v_bad := v_one;
+        END IF;
+    ELSE
+        SELECT d INTO v_bad
+        FROM unnest(p_rows) AS u(d)
+        WHERE d ->> p_scope_col IS NULL OR length(d ->> p_scope_col) > 256
+        LIMIT 1;
+    END IF;
+    IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'relay: cannot capture % of resource "%": scope column "%" is %',
             p_action, p_resource, p_scope_col,
             CASE WHEN v_bad ->> p_scope_col IS NULL THEN 'NULL or missing'
                  ELSE 'longer than 256 characters' END
             USING ERRCODE = 'not_null_violation',
                   HINT = 'Every captured row needs a scope (project) of at most 256 characters.';
+    END IF;
+
+    IF v_one IS NOT NULL THEN
+        -- One row, the common case: the same three steps without the
+        -- set machinery below, about half the cost per statement.
+        INSERT INTO relay.scope_counter AS c (scope, last_seq)
+        VALUES (v_one ->> p_scope_col, 1)
+        ON CONFLICT (scope) DO UPDATE SET last_seq = c.last_seq + 1
+        RETURNING c.last_seq INTO v_seq;
+        INSERT INTO relay.events AS e (scope, seq, resource, action, row_id, data)
+        VALUES (v_one ->> p_scope_col, v_seq, p_resource, p_action, v_one ->> p_id_col, v_one)
+        RETURNING e.* INTO v_event;
+        PERFORM pg_notify(relay.channel(), relay.render(v_event, false));
+        RETURN 1;
     END IF;
 
     WITH img AS (
@@ -170,15 +194,21 @@ BEGIN
         -- A row moved to another scope has left its old one: that scope
         -- gets a DELETE with the row as it was, so its subscribers drop it
         -- (and a moved membership is re-checked there: G4).
-        -- Keys of the new images as a jsonb set: lookups stay O(log n)
-        -- whatever plan the planner would pick for a join (a nested loop
-        -- here would make a 10,000-row UPDATE quadratic).
-        SELECT jsonb_object_agg(coalesce(n.d ->> TG_ARGV[2], '') || chr(31) || (n.d ->> TG_ARGV[1]), true)
-        INTO v_keys
-        FROM unnest(v_rows) AS n(d);
-        SELECT array_agg(o.d ORDER BY o.ord) INTO v_moved
-        FROM (SELECT to_jsonb(r) AS d, row_number() OVER () AS ord FROM relay_old_rows r) o
-        WHERE NOT v_keys ? (coalesce(o.d ->> TG_ARGV[2], '') || chr(31) || coalesce(o.d ->> TG_ARGV[1], ''));
+        IF cardinality(v_rows) = 1 THEN
+            SELECT ARRAY[to_jsonb(o)] INTO v_moved FROM relay_old_rows o
+            WHERE to_jsonb(o) ->> TG_ARGV[1] IS DISTINCT FROM v_rows[1] ->> TG_ARGV[1]
+               OR to_jsonb(o) ->> TG_ARGV[2] IS DISTINCT FROM v_rows[1] ->> TG_ARGV[2];
+        ELSE
+            -- Keys of the new images as a jsonb set: lookups stay O(log n)
+            -- whatever plan the planner would pick for a join (a nested loop
+            -- here would make a 10,000-row UPDATE quadratic).
+            SELECT jsonb_object_agg(coalesce(n.d ->> TG_ARGV[2], '') || chr(31) || (n.d ->> TG_ARGV[1]), true)
+            INTO v_keys
+            FROM unnest(v_rows) AS n(d);
+            SELECT array_agg(o.d ORDER BY o.ord) INTO v_moved
+            FROM (SELECT to_jsonb(r) AS d, row_number() OVER () AS ord FROM relay_old_rows r) o
+            WHERE NOT v_keys ? (coalesce(o.d ->> TG_ARGV[2], '') || chr(31) || coalesce(o.d ->> TG_ARGV[1], ''));
+        END IF;
         IF v_moved IS NOT NULL THEN
             PERFORM relay.append(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2], v_moved);
         END IF;

@@ -872,12 +872,21 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
         "CREATE SCHEMA bench;
          CREATE TABLE bench.captured (id bigserial PRIMARY KEY, project_id text NOT NULL, body text NOT NULL);
          CREATE TABLE bench.plain    (id bigserial PRIMARY KEY, project_id text NOT NULL, body text NOT NULL);
+         -- The floor of any NOTIFY-based design: no event log, no counter,
+         -- just one small notice per row, like the one capture sends.
+         CREATE TABLE bench.notified (id bigserial PRIMARY KEY, project_id text NOT NULL, body text NOT NULL);
+         CREATE FUNCTION bench.notify_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM pg_notify('bench_floor', json_build_object('id', NEW.id, 'project_id', NEW.project_id)::text);
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER notify_row AFTER INSERT ON bench.notified FOR EACH ROW EXECUTE FUNCTION bench.notify_row();
          SELECT relay.enable('bench.captured', 'row');",
     )
     .await?;
     let mut rows = BTreeMap::new();
     for writers in [1usize, 8] {
-        for table in ["bench.plain", "bench.captured"] {
+        for table in ["bench.plain", "bench.notified", "bench.captured"] {
             let end = Instant::now() + Duration::from_secs(seconds);
             let mut tasks = Vec::new();
             for w in 0..writers {
@@ -905,6 +914,8 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
     let get = |k: &str| rows.get(k).copied().unwrap_or(0.0);
     let r1 = get("bench.captured/1") / get("bench.plain/1").max(1.0);
     let r8 = get("bench.captured/8") / get("bench.plain/8").max(1.0);
+    let n1 = get("bench.captured/1") / get("bench.notified/1").max(1.0);
+    let n8 = get("bench.captured/8") / get("bench.notified/8").max(1.0);
 
     // A 10,000-row statement, timed until the last subscriber has the last
     // event.
@@ -979,22 +990,29 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
         "inserts_per_s": rows,
         "captured_over_plain_1_writer": (r1 * 1000.0).round() / 1000.0,
         "captured_over_plain_8_writers": (r8 * 1000.0).round() / 1000.0,
+        "captured_over_notify_only_1_writer": (n1 * 1000.0).round() / 1000.0,
+        "captured_over_notify_only_8_writers": (n8 * 1000.0).round() / 1000.0,
         "update_10000_rows_statement_ms": statement_ms.round(),
         "update_10000_rows_until_last_of_10_subscribers_ms": all_ms.round(),
         "machine": machine(),
     });
     let markdown = format!(
         "### Write cost (synchronous_commit = off)\n\n\
-         | writers | uncaptured inserts/s | captured inserts/s | ratio |\n| --- | --- | --- | --- |\n\
-         | 1 | {:.0} | {:.0} | {:.2} |\n| 8 | {:.0} | {:.0} | {:.2} |\n\n\
+         | writers | uncaptured inserts/s | NOTIFY only | captured inserts/s | captured / uncaptured | captured / NOTIFY only |\n\
+         | --- | --- | --- | --- | --- | --- |\n\
+         | 1 | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n| 8 | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n\n\
          One UPDATE of 10,000 rows: the statement took {statement_ms:.0} ms; the last of 10 subscribers had the \
          last of the 10,000 events after {all_ms:.0} ms.\n",
         get("bench.plain/1"),
+        get("bench.notified/1"),
         get("bench.captured/1"),
         r1,
+        n1,
         get("bench.plain/8"),
+        get("bench.notified/8"),
         get("bench.captured/8"),
-        r8
+        r8,
+        n8
     );
     Ok(Outcome {
         name,
