@@ -292,10 +292,12 @@ impl Api {
         Ok(())
     }
 
-    async fn one<T>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<T, ApiError>
-    where
-        T: for<'a> tokio_postgres::types::FromSql<'a>,
-    {
+    /// The single row of a statement.
+    async fn row(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<tokio_postgres::Row, ApiError> {
         let client = self
             .log
             .pool()
@@ -303,7 +305,15 @@ impl Api {
             .await
             .map_err(crate::log::LogError::from)?;
         let stmt = client.prepare_cached(sql).await?;
-        Ok(client.query_one(&stmt, params).await?.get(0))
+        Ok(client.query_one(&stmt, params).await?)
+    }
+
+    /// The single value of a statement.
+    async fn one<T>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<T, ApiError>
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        Ok(self.row(sql, params).await?.get(0))
     }
 
     async fn rows_json(
@@ -342,25 +352,8 @@ impl Api {
         project: &str,
         query: &HashMap<String, String>,
     ) -> Result<Response<Body>, ApiError> {
-        let limit = match query.get("limit") {
-            None => 50,
-            Some(v) => v
-                .parse::<i64>()
-                .ok()
-                .filter(|n| (1..=MAX_PAGE).contains(n))
-                .ok_or_else(|| {
-                    ApiError::field(
-                        "limit",
-                        format!("limit must be an integer from 1 to {MAX_PAGE}"),
-                    )
-                })?,
-        };
-        let before = match query.get("before_seq") {
-            None => None,
-            Some(v) => Some(v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
-                ApiError::field("before_seq", "before_seq must be a non-negative integer")
-            })?),
-        };
+        let limit = query_int(query, "limit", 1, MAX_PAGE)?.unwrap_or(50);
+        let before = query_int(query, "before_seq", 0, i64::MAX)?;
         let limit = limit as i32;
         let messages = self
             .rows_json(
@@ -399,19 +392,11 @@ impl Api {
     ) -> Result<Response<Body>, ApiError> {
         let text = string_field(body, "body", 1, MAX_MESSAGE_CHARS)?;
         let client_id = string_field(body, "client_generated_id", 1, 128)?;
-        let client = self
-            .log
-            .pool()
-            .get()
-            .await
-            .map_err(crate::log::LogError::from)?;
-        let stmt = client
-            .prepare_cached(
+        let row = self
+            .row(
                 "SELECT to_jsonb(r.message), r.created FROM chat.send_message($1, $2, $3, $4) r",
+                &[&project, &user, &text, &client_id],
             )
-            .await?;
-        let row = client
-            .query_one(&stmt, &[&project, &user, &text, &client_id])
             .await?;
         let message: Value = row.get(0);
         let created: bool = row.get(1);
@@ -451,13 +436,7 @@ impl Api {
         id: &str,
         query: &HashMap<String, String>,
     ) -> Result<Response<Body>, ApiError> {
-        let version =
-            match query.get("version") {
-                None => None,
-                Some(v) => Some(v.parse::<i32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                    ApiError::field("version", "version must be a positive integer")
-                })?),
-            };
+        let version = query_int(query, "version", 1, i64::from(i32::MAX))?.map(|v| v as i32);
         let message: Value = self
             .one(
                 "SELECT to_jsonb(m) FROM chat.delete_message($1, $2, $3) m",
@@ -571,6 +550,30 @@ fn version_field(v: Option<&Value>, name: &'static str) -> Result<Option<i32>, A
             format!("\"{name}\" must be a positive integer"),
         )),
     }
+}
+
+/// An optional integer query parameter within `min..=max`; anything else
+/// is a 400 naming the parameter.
+fn query_int(
+    query: &HashMap<String, String>,
+    name: &'static str,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, ApiError> {
+    query
+        .get(name)
+        .map(|v| {
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| {
+                    ApiError::field(
+                        name,
+                        format!("{name} must be an integer from {min} to {max}"),
+                    )
+                })
+        })
+        .transpose()
 }
 
 fn parse_query(query: Option<&str>) -> HashMap<String, String> {
