@@ -77,18 +77,38 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// HS256 with a shared secret; `leeway` absorbs clock skew on `exp` and
-    /// `nbf`.
+    /// HS256 with a shared secret of any length, for development tokens and
+    /// tests; `leeway` absorbs clock skew on `exp` and `nbf`. Configuration
+    /// from users goes through [`new`](Self::new), which enforces policy.
     pub fn hs256(secret: &[u8], leeway: Duration) -> Self {
-        Self::new(&AuthConfig {
+        let config = AuthConfig {
             hs256_secret: Some(secret.to_vec()),
             leeway,
             ..AuthConfig::default()
+        };
+        Self::build(&config).unwrap_or_else(|_| Authenticator {
+            keys: Vec::new(),
+            encoding: None,
+            leeway,
         })
-        .expect("an HS256 secret alone is always a valid configuration")
     }
 
+    /// Like [`hs256`](Self::hs256), from a full configuration, enforcing
+    /// the policy on secrets (at least 16 bytes) and keys.
     pub fn new(config: &AuthConfig) -> Result<Self, AuthError> {
+        if config
+            .hs256_secret
+            .as_ref()
+            .is_some_and(|secret| secret.len() < 16)
+        {
+            return Err(AuthError::Config(
+                "the HS256 secret must be at least 16 bytes".into(),
+            ));
+        }
+        Self::build(config)
+    }
+
+    fn build(config: &AuthConfig) -> Result<Self, AuthError> {
         let validation = |alg: Algorithm| {
             let mut v = Validation::new(alg);
             v.leeway = config.leeway.as_secs();
@@ -110,11 +130,6 @@ impl Authenticator {
         let mut keys = Vec::new();
         let mut encoding = None;
         if let Some(secret) = &config.hs256_secret {
-            if secret.len() < 16 {
-                return Err(AuthError::Config(
-                    "the HS256 secret must be at least 16 bytes".into(),
-                ));
-            }
             keys.push((
                 Algorithm::HS256,
                 DecodingKey::from_secret(secret),

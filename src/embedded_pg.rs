@@ -231,7 +231,10 @@ impl PgServer {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.expect("the loop ran at least once"))
+        Err(last.unwrap_or(EmbeddedPgError::StartTimeout {
+            seconds: 0,
+            log: String::new(),
+        }))
     }
 
     fn boot(&self, port: u16) -> Result<(), EmbeddedPgError> {
@@ -354,7 +357,7 @@ impl Drop for PgServer {
 /// server as soon as that test ended.
 fn spawn_from_keeper(cmd: Command) -> io::Result<Child> {
     type Request = (Command, mpsc::Sender<io::Result<Child>>);
-    static KEEPER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    static KEEPER: OnceLock<Result<Mutex<mpsc::Sender<Request>>, String>> = OnceLock::new();
     let keeper = KEEPER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Request>();
         std::thread::Builder::new()
@@ -364,9 +367,12 @@ fn spawn_from_keeper(cmd: Command) -> io::Result<Child> {
                     let _ = reply.send(cmd.spawn());
                 }
             })
-            .expect("spawning the pg-keeper thread");
-        Mutex::new(tx)
+            .map(|_| Mutex::new(tx))
+            .map_err(|e| e.to_string())
     });
+    let keeper = keeper
+        .as_ref()
+        .map_err(|e| io::Error::other(format!("cannot start the pg-keeper thread: {e}")))?;
     let (reply_tx, reply_rx) = mpsc::channel();
     keeper
         .lock()
