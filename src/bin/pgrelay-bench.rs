@@ -132,7 +132,20 @@ fn main() -> anyhow::Result<()> {
 
 /// The relay process: `server::start` with limits opened up for load.
 fn run_relay_process(database_url: &str, listen: &str) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
+    // PGRELAY_BENCH_WORKERS=1 runs the relay on a single-threaded runtime,
+    // to measure what cross-thread wake-ups cost.
+    let workers: usize = std::env::var("PGRELAY_BENCH_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    let runtime = match workers {
+        0 => tokio::runtime::Runtime::new()?,
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(async {
         let mut config = RelayConfig::new(database_url, SECRET.as_bytes().to_vec());
         config.max_connections_per_user = 1_000_000;
