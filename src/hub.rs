@@ -106,6 +106,18 @@ impl Topic {
     }
 }
 
+/// One topic taken for a read.
+struct PendingRead {
+    topic: Arc<Topic>,
+    reason: Reason,
+    /// The topic's head when the read started: the read asks for frames
+    /// after it.
+    head: u64,
+    /// The seq notices had announced when the read started; if the read
+    /// does not reach it, the notice was not confirmed by the log.
+    wanted_at_start: u64,
+}
+
 /// The fetcher's work list.
 #[derive(Default)]
 struct Dirty {
@@ -250,7 +262,7 @@ impl Hub {
                 }
                 let wanted: Vec<(String, u64)> = batch
                     .iter()
-                    .map(|(t, _, head, _)| (t.scope.clone(), *head))
+                    .map(|read| (read.topic.scope.clone(), read.head))
                     .collect();
                 let result = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -263,8 +275,8 @@ impl Hub {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, topics = batch.len(), retry_in_ms = backoff.as_millis() as u64, "reading the event log failed");
-                        for (topic, reason, _, _) in &batch {
-                            self.mark_dirty(&topic.scope, *reason);
+                        for read in &batch {
+                            self.mark_dirty(&read.topic.scope, read.reason);
                         }
                         tokio::select! {
                             _ = shutdown.cancelled() => return,
@@ -279,7 +291,7 @@ impl Hub {
 
     /// Takes up to `scopes_per_read` dirty topics with their heads and the
     /// seq wanted when the read starts.
-    fn take_dirty(&self) -> Vec<(Arc<Topic>, Reason, u64, u64)> {
+    fn take_dirty(&self) -> Vec<PendingRead> {
         let picked: Vec<(String, Reason)> = {
             let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             let mut picked = Vec::new();
@@ -302,21 +314,28 @@ impl Hub {
                     let s = topic.lock();
                     (s.head, s.wanted)
                 };
-                Some((topic, reason, head, wanted))
+                Some(PendingRead {
+                    topic,
+                    reason,
+                    head,
+                    wanted_at_start: wanted,
+                })
             })
             .collect()
     }
 
-    fn publish_batch(
-        &self,
-        batch: Vec<(Arc<Topic>, Reason, u64, u64)>,
-        rows: Vec<(String, Frame)>,
-    ) {
+    fn publish_batch(&self, batch: Vec<PendingRead>, rows: Vec<(String, Frame)>) {
         let mut by_scope: HashMap<String, Vec<Frame>> = HashMap::new();
         for (scope, frame) in rows {
             by_scope.entry(scope).or_default().push(frame);
         }
-        for (topic, reason, _head, wanted_at_start) in batch {
+        for PendingRead {
+            topic,
+            reason,
+            wanted_at_start,
+            ..
+        } in batch
+        {
             let frames = by_scope.remove(&topic.scope).unwrap_or_default();
             let full = frames.len() >= self.limits.read.rows as usize
                 || frames.iter().map(|f| f.bytes.len() as i64).sum::<i64>()

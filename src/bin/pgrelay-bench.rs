@@ -140,7 +140,9 @@ fn run_relay_process(database_url: &str, listen: &str) -> anyhow::Result<()> {
         .unwrap_or(0);
     let runtime = match workers {
         0 => tokio::runtime::Runtime::new()?,
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
             .enable_all()
