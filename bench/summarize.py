@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Medians of the benchmark runs in RESULTS/runs/*/, against the targets.
+
+Writes RESULTS/summary.json and RESULTS/summary.md. Usage:
+    python3 bench/summarize.py bench/results
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+results = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results")
+runs = sorted(p for p in (results / "runs").iterdir() if p.is_dir())
+
+
+def values(name, *path):
+    """Every run's value of one figure."""
+    out = []
+    for run in runs:
+        f = run / f"{name}.json"
+        if not f.exists():
+            continue
+        v = json.loads(f.read_text())
+        for key in path:
+            v = v[key]
+        out.append(v)
+    return out
+
+
+def median(name, *path):
+    vs = values(name, *path)
+    return statistics.median(vs) if vs else None
+
+
+def fmt(v, digits=2):
+    return "n/a" if v is None else f"{v:,.{digits}f}"
+
+
+rows = []
+
+
+def target(text, measured, met):
+    rows.append({"target": text, "measured": measured, "met": met})
+
+
+d = median("latency-100x1000", "deliveries_per_s")
+p99 = median("latency-100x1000", "relay", "p99_ms")
+b99 = median("latency-100x1000", "baseline_listen", "p99_ms")
+lost = max(values("latency-100x1000", "lost") or [0])
+target("100 subscribers x 1,000 events/s keeps up, p99 <= 10 ms",
+       f"{fmt(d, 0)} deliveries/s, p99 {fmt(p99)} ms (direct LISTEN {fmt(b99)} ms), lost at most {lost}",
+       p99 is not None and p99 <= 10 and lost == 0)
+sat = median("saturation-100x4w", "deliveries_per_s")
+target(">= 400,000 deliveries/s with ~300-byte rows", f"{fmt(sat, 0)} deliveries/s",
+       sat is not None and sat >= 400_000)
+p50 = median("latency-100x200", "relay", "p50_ms")
+b50 = median("latency-100x200", "baseline_listen", "p50_ms")
+gap = None if p50 is None or b50 is None else p50 - b50
+target("100 x 200 events/s: p50 within 0.5 ms of direct LISTEN",
+       f"relay p50 {fmt(p50)} ms, direct LISTEN {fmt(b50)} ms (+{fmt(gap)} ms)",
+       gap is not None and gap <= 0.5)
+kib = median("connections-10000", "kib_per_connection")
+target("10,000 idle connections at <= 16 KiB each", f"{fmt(kib, 1)} KiB per connection",
+       kib is not None and kib <= 16)
+r1 = median("write-cost", "captured_over_plain_1_writer")
+r8 = median("write-cost", "captured_over_plain_8_writers")
+n1 = median("write-cost", "captured_over_notify_only_1_writer")
+n8 = median("write-cost", "captured_over_notify_only_8_writers")
+target("captured inserts >= 70% of uncaptured, 1 and 8 writers",
+       f"{fmt(r1)} (1 writer), {fmt(r8)} (8 writers); against NOTIFY alone {fmt(n1)} and {fmt(n8)}",
+       r1 is not None and r8 is not None and r1 >= 0.7 and r8 >= 0.7)
+
+summary = {"runs": len(runs), "targets": rows}
+(results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+lines = [f"### Targets against medians of {len(runs)} runs\n",
+         "| target | median measured | met |", "| --- | --- | --- |"]
+for r in rows:
+    lines.append(f"| {r['target']} | {r['measured']} | {'yes' if r['met'] else 'no'} |")
+(results / "summary.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
