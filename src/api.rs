@@ -63,6 +63,15 @@ impl ApiError {
         }
     }
 
+    /// The database is out of reach: retry, nothing is lost.
+    fn unavailable() -> Self {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "database unavailable; retry shortly",
+        )
+    }
+
     fn field(field: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -108,11 +117,7 @@ impl From<crate::log::LogError> for ApiError {
             crate::log::LogError::Query(e) => sql_error(e),
             other => {
                 tracing::warn!(error = %other, "API could not reach the database");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "database unavailable; retry shortly",
-                )
+                ApiError::unavailable()
             }
         }
     }
@@ -130,11 +135,7 @@ impl From<tokio_postgres::Error> for ApiError {
 fn sql_error(e: tokio_postgres::Error) -> ApiError {
     let Some(db) = e.as_db_error() else {
         tracing::warn!(error = %e, "API database connection failed");
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "database unavailable; retry shortly",
-        );
+        return ApiError::unavailable();
     };
     let code = db.code();
     let (status, name) = if *code == SqlState::INSUFFICIENT_PRIVILEGE {

@@ -18,9 +18,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -207,7 +205,7 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
             .read_buffer_size(4096)
             .max_message_size(Some(state2.max_frame_bytes))
             .max_frame_size(Some(state2.max_frame_bytes));
-        let mut ws =
+        let ws =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
         let verdict = verdict.and_then(|identity| {
@@ -226,20 +224,7 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
             Err(refusal) => {
                 state2.metrics.refused_connections.fetch_add(1, Relaxed);
                 tracing::debug!(reason = %refusal.reason, "refusing a connection");
-                let frame = CloseFrame {
-                    code: CloseCode::from(refusal.code),
-                    reason: truncate_reason(&refusal.reason).into(),
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    let _ = ws.close(Some(frame)).await;
-                    // Drain until the peer answers the close (or goes).
-                    while let Some(Ok(m)) = futures_util::StreamExt::next(&mut ws).await {
-                        if matches!(m, Message::Close(_)) {
-                            break;
-                        }
-                    }
-                })
-                .await;
+                session::refuse(ws, refusal.code, &refusal.reason).await;
             }
         }
     });
@@ -252,15 +237,6 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     response
-}
-
-/// Close reasons are limited to 123 bytes.
-fn truncate_reason(reason: &str) -> &str {
-    let mut end = reason.len().min(123);
-    while !reason.is_char_boundary(end) {
-        end -= 1;
-    }
-    &reason[..end]
 }
 
 /// Why an upgraded connection is closed at once.

@@ -152,26 +152,52 @@ pub async fn run<S>(
     };
     let end = session.serve(&mut out, &mut stream, &shutdown).await;
     if let End::Close(code, reason) = end {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        // The closing handshake: send ours, then wait (bounded) for the
-        // peer's, so it reads our code before the TCP connection goes.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            let _ = out.sink.send(Message::Close(Some(frame))).await;
-            let _ = out.sink.flush().await;
-            while let Some(Ok(message)) = stream.next().await {
-                if matches!(message, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
+        close_handshake(&mut out.sink, &mut stream, code, reason).await;
     }
     // Dropping the session (here, or while unwinding from a panic)
     // removes its subscriptions from the hub.
     drop(session);
+}
+
+/// Closes a connection that never becomes a session (bad token, limits)
+/// with `code` and `reason`.
+pub async fn refuse<S>(ws: WebSocketStream<S>, code: u16, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    close_handshake(&mut sink, &mut stream, code, reason).await;
+}
+
+/// The closing handshake: send our close, then wait (at most 2 s) for the
+/// peer's, so it reads our code before the TCP connection goes. Close
+/// reasons are cut to the protocol's 123 bytes.
+async fn close_handshake<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    code: u16,
+    reason: &str,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason[..end].into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = sink.send(Message::Close(Some(frame))).await;
+        let _ = sink.flush().await;
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Counts an open connection for as long as it lives, panics included.
