@@ -8,7 +8,8 @@
 -- shows in relay.tracked_tables, attaches ENABLE ALWAYS triggers, and
 -- captures INSERT, UPDATE and DELETE into each row's scope with row_id = the
 -- id column as text; that a row whose scope is NULL, or longer than 256
--- characters, is refused (23502) and nothing of its statement is kept; that
+-- characters, is refused (23502) and nothing of its statement is kept, as is
+-- an event appended with an unknown action (23514); that
 -- TRUNCATE of a tracked table (the scratch table and chat.messages) is
 -- refused (0A000); that the chat tables are tracked with ALWAYS triggers;
 -- and that relay.disable stops capture, keeps the logged events, allows
@@ -253,6 +254,18 @@ BEGIN
     INSERT INTO sqltest_things (tenant, payload) VALUES (rpad(current_setting('sqltest.s3'), 257, '.'), 'long scope');
     RAISE EXCEPTION 'expected 23502 for a 257-character scope, but the INSERT succeeded';
 EXCEPTION WHEN sqlstate '23502' THEN
+    NULL;  -- expected
+END
+$$;
+
+-- relay.append called by an app with an action that is not INSERT, UPDATE
+-- or DELETE: 23514, and no event.
+DO $$
+BEGIN
+    PERFORM relay.append('sqltest_thing', 'UPSERT', 'scope', 'id',
+                         ARRAY[jsonb_build_object('scope', current_setting('sqltest.s3'), 'id', 1)]);
+    RAISE EXCEPTION 'expected 23514 for relay.append with action UPSERT, but it succeeded';
+EXCEPTION WHEN sqlstate '23514' THEN
     NULL;  -- expected
 END
 $$;
