@@ -30,6 +30,7 @@ use pgrelay::server::{self, RelayConfig};
 use serde_json::{json, Value};
 use tokio_postgres::{Client, NoTls};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "pgrelay-bench-secret-0123456789";
 
@@ -363,8 +364,8 @@ struct Shared {
     hist: Arc<Mutex<Histogram<u64>>>,
     /// True during the measured window (after warm-up).
     measuring: Arc<AtomicBool>,
-    /// Set when the run is over and clients should finish.
-    stop: Arc<AtomicBool>,
+    /// Cancelled when the run is over and clients should finish.
+    stop: CancellationToken,
     /// Deliveries counted during the window.
     delivered: Arc<AtomicU64>,
     /// Subscribers that have their `subscribed` frame: writes start only
@@ -379,7 +380,7 @@ impl Shared {
                 1, 60_000_000, 3,
             )?)),
             measuring: Arc::new(AtomicBool::new(false)),
-            stop: Arc::new(AtomicBool::new(false)),
+            stop: CancellationToken::new(),
             delivered: Arc::new(AtomicU64::new(0)),
             subscribed: Arc::new(AtomicU64::new(0)),
         })
@@ -432,17 +433,19 @@ async fn subscriber(
     .await?;
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut seen = Seen::default();
+    // Registered once, not per message: the client's own cost per
+    // delivery runs on the same two cores as the relay and is measured
+    // with it.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
-        let next = tokio::time::timeout(Duration::from_millis(200), ws.next()).await;
-        let msg = match next {
-            Err(_) => {
-                if stop.load(Relaxed) {
-                    break;
-                }
-                continue;
-            }
-            Ok(None) => break,
-            Ok(Some(m)) => m?,
+        let msg = tokio::select! {
+            biased;
+            m = ws.next() => match m {
+                None => break,
+                Some(m) => m?,
+            },
+            _ = &mut stopped => break,
         };
         let Message::Text(text) = msg else { continue };
         if text.contains("\"type\":\"subscribed\"") {
@@ -480,7 +483,7 @@ async fn baseline_listener(
     url: String,
     hist: Arc<Mutex<Histogram<u64>>>,
     measuring: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> anyhow::Result<u64> {
     let (client, mut conn) = tokio_postgres::connect(&url, NoTls).await?;
@@ -499,12 +502,17 @@ async fn baseline_listener(
     let _ = ready.send(());
     let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut count = 0;
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
-        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            Err(_) if stop.load(Relaxed) => break,
-            Err(_) => continue,
-            Ok(None) => break,
-            Ok(Some((at, payload))) => {
+        let next = tokio::select! {
+            biased;
+            n = rx.recv() => n,
+            _ = &mut stopped => break,
+        };
+        match next {
+            None => break,
+            Some((at, payload)) => {
                 if measuring.load(Relaxed) {
                     if let Some(sent) = sent_us(&payload) {
                         let _ = local.record(at.saturating_sub(sent).max(1));
@@ -640,7 +648,7 @@ async fn latency(
     let cpu_pg = (postgres_cpu_seconds() - cpu_pg0) / window;
     // Let the tail arrive, then stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Relaxed);
+    stop.cancel();
     let mut totals = Seen::default();
     let total_written = written.load(Relaxed);
     let mut lost = 0u64;
@@ -780,7 +788,7 @@ async fn saturation(
         t.await??;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    stop.store(true, Relaxed);
+    stop.cancel();
     let (mut dups, mut ooo) = (0, 0);
     for s in subs {
         let seen = s.await??;
