@@ -226,6 +226,15 @@ impl Env {
         Ok(c)
     }
 
+    /// A client that pg_stat_activity shows under `application_name`.
+    async fn client_named(&self, application_name: &str) -> anyhow::Result<Client> {
+        let mut config: tokio_postgres::Config = self.url.parse()?;
+        config.application_name(application_name);
+        let (c, conn) = config.connect(NoTls).await?;
+        tokio::spawn(conn);
+        Ok(c)
+    }
+
     fn relay_pid(&self) -> u32 {
         self.relay.id()
     }
@@ -908,12 +917,14 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
     )
     .await?;
     let mut rows = BTreeMap::new();
+    let mut states = BTreeMap::new();
     for writers in [1usize, 8] {
         for table in ["bench.plain", "bench.notified", "bench.captured"] {
             let end = Instant::now() + Duration::from_secs(seconds);
+            let sampler = tokio::spawn(sample_waits(env.client().await?, end));
             let mut tasks = Vec::new();
             for w in 0..writers {
-                let client = env.client().await?;
+                let client = env.client_named(WRITER_APP).await?;
                 let sql = format!("INSERT INTO {table} (project_id, body) VALUES ($1, $2)");
                 tasks.push(tokio::spawn(async move {
                     let stmt = client.prepare(&sql).await?;
@@ -932,8 +943,16 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
                 total += t.await??;
             }
             rows.insert(format!("{table}/{writers}"), total as f64 / seconds as f64);
+            states.insert(format!("{table}/{writers}"), sampler.await??);
         }
     }
+    let notify_lock = |k: &str| {
+        states
+            .get(k)
+            .and_then(|w: &BTreeMap<String, f64>| w.get(NOTIFY_LOCK_WAIT))
+            .copied()
+            .unwrap_or(0.0)
+    };
     let get = |k: &str| rows.get(k).copied().unwrap_or(0.0);
     let r1 = get("bench.captured/1") / get("bench.plain/1").max(1.0);
     let r8 = get("bench.captured/8") / get("bench.plain/8").max(1.0);
@@ -1015,6 +1034,7 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
         "captured_over_plain_8_writers": (r8 * 1000.0).round() / 1000.0,
         "captured_over_notify_only_1_writer": (n1 * 1000.0).round() / 1000.0,
         "captured_over_notify_only_8_writers": (n8 * 1000.0).round() / 1000.0,
+        "writer_time_by_state": states,
         "update_10000_rows_statement_ms": statement_ms.round(),
         "update_10000_rows_until_last_of_10_subscribers_ms": all_ms.round(),
         "machine": machine(),
@@ -1024,6 +1044,9 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
          | writers | uncaptured inserts/s | NOTIFY only | captured inserts/s | captured / uncaptured | captured / NOTIFY only |\n\
          | --- | --- | --- | --- | --- | --- |\n\
          | 1 | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n| 8 | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n\n\
+         With 8 writers, the share of writer time spent waiting for NOTIFY's database-wide commit lock \
+         (`Lock:object`, sampled from pg_stat_activity every 20 ms): {:.0}% with NOTIFY only, {:.0}% captured, \
+         {:.0}% uncaptured.\n\n\
          One UPDATE of 10,000 rows: the statement took {statement_ms:.0} ms; the last of 10 subscribers had the \
          last of the 10,000 events after {all_ms:.0} ms.\n",
         get("bench.plain/1"),
@@ -1035,7 +1058,10 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
         get("bench.notified/8"),
         get("bench.captured/8"),
         r8,
-        n8
+        n8,
+        notify_lock("bench.notified/8") * 100.0,
+        notify_lock("bench.captured/8") * 100.0,
+        notify_lock("bench.plain/8") * 100.0,
     );
     Ok(Outcome {
         name,
@@ -1043,6 +1069,46 @@ async fn write_cost(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
         markdown,
         svg: None,
     })
+}
+
+/// The application_name of write-cost writers, so the sampler sees only them.
+const WRITER_APP: &str = "pgrelay_bench_writer";
+/// What pg_stat_activity shows for a backend queued on NOTIFY's lock: at
+/// commit, a transaction that notified takes a heavyweight lock on
+/// database 0, so notifying commits run one at a time, cluster-wide.
+const NOTIFY_LOCK_WAIT: &str = "Lock:object";
+
+/// Samples what the writers' backends are doing every 20 ms until `end`:
+/// the share of samples per state (`CPU` when active and not waiting,
+/// `client` when idle between statements, else the wait event).
+async fn sample_waits(c: Client, end: Instant) -> anyhow::Result<BTreeMap<String, f64>> {
+    let stmt = c
+        .prepare(
+            "SELECT CASE WHEN state = 'idle' THEN 'client'
+                         WHEN wait_event IS NULL THEN 'CPU'
+                         ELSE wait_event_type || ':' || wait_event END
+             FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .await?;
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut total = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    while Instant::now() < end {
+        tick.tick().await;
+        for row in c.query(&stmt, &[&WRITER_APP]).await? {
+            *counts.entry(row.get(0)).or_default() += 1;
+            total += 1;
+        }
+    }
+    Ok(counts
+        .into_iter()
+        .map(|(k, n)| {
+            (
+                k,
+                (n as f64 / total.max(1) as f64 * 1000.0).round() / 1000.0,
+            )
+        })
+        .collect())
 }
 
 fn machine() -> Value {
