@@ -5,6 +5,7 @@ Writes RESULTS/summary.json and RESULTS/summary.md. Usage:
     python3 bench/summarize.py bench/results
 """
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -70,11 +71,68 @@ target("captured inserts >= 70% of uncaptured, 1 and 8 writers",
        f"{fmt(r1)} (1 writer), {fmt(r8)} (8 writers); against NOTIFY alone {fmt(n1)} and {fmt(n8)}",
        r1 is not None and r8 is not None and r1 >= 0.7 and r8 >= 0.7)
 
-summary = {"runs": len(runs), "targets": rows}
+# Throughput against subscribers: median deliveries/s and events/s of the
+# saturation runs (4 writers, 1 project), drawn as an SVG line chart.
+sweep = []
+for n in (1, 10, 100, 1000):
+    d = median(f"saturation-{n}x4w", "deliveries_per_s")
+    e = median(f"saturation-{n}x4w", "events_per_s")
+    if d is not None:
+        sweep.append({"subscribers": n, "deliveries_per_s": d, "events_per_s": e})
+
+
+def throughput_svg(points):
+    """Deliveries/s against subscribers (log scale), one labelled point each."""
+    w, h, left, right, top, bottom = 640, 360, 80, 20, 40, 50
+    xs = [math.log10(p["subscribers"]) for p in points]
+    ymax = max(p["deliveries_per_s"] for p in points) * 1.15
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (w - left - right)
+
+    def py(y):
+        return top + (1 - y / ymax) * (h - top - bottom)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           'font-family="sans-serif" font-size="12">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{w / 2}" y="20" text-anchor="middle" font-size="14">'
+           'Saturation: deliveries/s against subscribers (4 writers, 1 project, '
+           f'median of {len(runs)} runs)</text>',
+           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>']
+    for i in range(5):
+        y = ymax * i / 4
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y / 1000:,.0f}k</text>')
+        out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{w - right}" y2="{py(y):.1f}" stroke="#ddd"/>')
+    path = " ".join(f"{px(x):.1f},{py(p['deliveries_per_s']):.1f}" for x, p in zip(xs, points))
+    out.append(f'<polyline points="{path}" fill="none" stroke="#1f77b4" stroke-width="2"/>')
+    for x, p in zip(xs, points):
+        out.append(f'<circle cx="{px(x):.1f}" cy="{py(p["deliveries_per_s"]):.1f}" r="4" fill="#1f77b4"/>')
+        out.append(f'<text x="{px(x):.1f}" y="{py(p["deliveries_per_s"]) - 10:.1f}" text-anchor="middle">'
+                   f'{p["deliveries_per_s"]:,.0f}</text>')
+        out.append(f'<text x="{px(x):.1f}" y="{h - bottom + 18}" text-anchor="middle">{p["subscribers"]:,}</text>')
+    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 10}" text-anchor="middle">subscribers (log scale)</text>')
+    out.append(f'<text x="18" y="{(top + h - bottom) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 18 {(top + h - bottom) / 2})">deliveries/s</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+if len(sweep) >= 2:
+    (results / "throughput.svg").write_text(throughput_svg(sweep))
+
+summary = {"runs": len(runs), "targets": rows, "throughput_by_subscribers": sweep}
 (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 lines = [f"### Targets against medians of {len(runs)} runs\n",
          "| target | median measured | met |", "| --- | --- | --- |"]
 for r in rows:
     lines.append(f"| {r['target']} | {r['measured']} | {'yes' if r['met'] else 'no'} |")
+if sweep:
+    lines += ["", "### Saturation throughput against subscribers (4 writers, 1 project)", "",
+              "| subscribers | deliveries/s | events/s |", "| --- | --- | --- |"]
+    for p in sweep:
+        lines.append(f"| {p['subscribers']:,} | {fmt(p['deliveries_per_s'], 0)} | {fmt(p['events_per_s'], 0)} |")
 (results / "summary.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
