@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -80,10 +81,18 @@ struct Out<S> {
     deadline: Duration,
 }
 
+/// The timer is armed only when the write cannot finish at once: a
+/// socket with room takes the bytes on the first poll, and arming and
+/// cancelling a timer for each of those writes was a per-delivery cost.
 async fn within<T>(
     deadline: Duration,
     op: impl std::future::Future<Output = Result<T, WsError>>,
 ) -> Result<T, End> {
+    let mut op = std::pin::pin!(op);
+    let first = std::future::poll_fn(|cx| Poll::Ready(op.as_mut().poll(cx))).await;
+    if let Poll::Ready(result) = first {
+        return result.map_err(End::from);
+    }
     match tokio::time::timeout(deadline, op).await {
         Ok(result) => result.map_err(End::from),
         Err(_) => Err(End::Close(
@@ -290,15 +299,27 @@ impl Session {
         let mut unanswered_since: Option<Instant> = None;
         let mut ping =
             tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+        // Made once and kept across iterations, not per wake: a fresh
+        // cancellation waiter and token timer for every delivery were
+        // registrations on structures all sessions share.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let mut expires_at = self.identity.expires_at;
+        let expiry = tokio::time::sleep_until(self.expiry());
+        tokio::pin!(expiry);
         loop {
+            if self.identity.expires_at != expires_at {
+                // Refreshed by {"action":"auth"}.
+                expires_at = self.identity.expires_at;
+                expiry.as_mut().reset(self.expiry());
+            }
             let retry = self.retry_at;
-            let expiry = self.expiry();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
+                _ = &mut cancelled => {
                     return End::Close(close::GOING_AWAY, "relay shutting down; reconnect and resume with since_seq");
                 }
-                _ = tokio::time::sleep_until(expiry) => {
+                _ = &mut expiry => {
                     return End::Close(close::TOKEN_EXPIRED, "token expired; send {\"action\":\"auth\"} with a fresh token before expiry");
                 }
                 incoming = stream.next() => {
@@ -336,7 +357,7 @@ impl Session {
                 }
                 _ = self.wake.notified() => {
                     let pumped = tokio::select! {
-                        _ = shutdown.cancelled() => continue,
+                        _ = &mut cancelled => continue,
                         r = self.pump(out) => r,
                     };
                     if let Err(end) = pumped {
