@@ -23,7 +23,7 @@ COMMENT ON SCHEMA relay IS
 --
 -- Neither this table nor relay.events has CHECK constraints: Postgres
 -- re-reads a CHECK from its stored text on every statement that writes the
--- table, which cost about 12% of a captured insert (callgrind, see the
+-- table, which cost about 14% of a captured insert (callgrind, see the
 -- README's Benchmarks). relay.append and relay.capture, the only writers,
 -- validate what they write instead.
 CREATE TABLE IF NOT EXISTS relay.scope_counter (
@@ -140,7 +140,6 @@ BEGIN
             USING ERRCODE = 'not_null_violation',
                   HINT = 'Every captured row needs a scope (project) of at most 256 characters.';
     END IF;
-
 
     WITH img AS (
         SELECT d, d ->> p_scope_col AS scope, d ->> p_id_col AS row_id,
