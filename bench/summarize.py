@@ -83,7 +83,7 @@ for n in (1, 10, 100, 1000):
 
 def throughput_svg(points):
     """Deliveries/s against subscribers (log scale), one labelled point each."""
-    w, h, left, right, top, bottom = 640, 360, 80, 20, 40, 50
+    w, h, left, right, top, bottom = 660, 360, 80, 50, 40, 50
     xs = [math.log10(p["subscribers"]) for p in points]
     ymax = max(p["deliveries_per_s"] for p in points) * 1.15
     x0, x1 = min(xs), max(max(xs), min(xs) + 1)
