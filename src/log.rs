@@ -12,7 +12,6 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::metrics::Metrics;
 
-/// Why the log could not be read.
 /// Settings for every pooled connection, which runs the same few
 /// statements thousands of times a second.
 ///
@@ -27,6 +26,7 @@ use crate::metrics::Metrics;
 /// PgBouncer refuse.
 const SESSION_SETTINGS: &str = "SET plan_cache_mode = force_generic_plan; SET jit = off";
 
+/// Why the log could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("database URL: {0}")]

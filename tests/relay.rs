@@ -243,3 +243,28 @@ async fn resuming_from_trimmed_history_gets_an_explicit_reset() {
     assert_eq!(ann.events_until("old", 53, 10).await, vec![53]);
     relay.shutdown().await;
 }
+
+/// The relay's pooled connections plan once and never JIT: with the
+/// defaults, Postgres re-planned `frames_after_many` on every read, and JIT
+/// of its generic plan cost milliseconds per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_use_generic_plans_without_jit() {
+    let db = TestDb::new().await;
+    let log = pgrelay::log::EventLog::connect(
+        &db.url,
+        2,
+        std::sync::Arc::new(pgrelay::metrics::Metrics::default()),
+        &[],
+    )
+    .expect("pool");
+    let client = log.pool().get().await.expect("connection");
+    let row = client
+        .query_one(
+            "SELECT current_setting('plan_cache_mode'), current_setting('jit')",
+            &[],
+        )
+        .await
+        .expect("settings");
+    assert_eq!(row.get::<_, String>(0), "force_generic_plan");
+    assert_eq!(row.get::<_, String>(1), "off");
+}
