@@ -221,9 +221,7 @@ impl Env {
     }
 
     async fn client(&self) -> anyhow::Result<Client> {
-        let (c, conn) = tokio_postgres::connect(&self.url, NoTls).await?;
-        tokio::spawn(conn);
-        Ok(c)
+        self.client_named("pgrelay_bench").await
     }
 
     /// A client that pg_stat_activity shows under `application_name`.
