@@ -227,29 +227,6 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The token of an upgrade request: the `Authorization: Bearer` header
-/// first, then the `token` query parameter.
-pub fn token_from_request<B>(req: &hyper::Request<B>) -> Option<String> {
-    if let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) {
-        if let Ok(text) = value.to_str() {
-            if let Some(token) = text
-                .strip_prefix("Bearer ")
-                .or_else(|| text.strip_prefix("bearer "))
-            {
-                let token = token.trim();
-                if !token.is_empty() {
-                    return Some(token.to_string());
-                }
-            }
-        }
-    }
-    let query = req.uri().query()?;
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == "token" && !value.is_empty()).then(|| crate::http::percent_decode(value, true))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,25 +239,5 @@ mod tests {
         let b = Authenticator::hs256(b"other-secret-16-bytes", Duration::from_secs(0));
         assert!(matches!(b.verify(&t), Err(AuthError::Invalid(_))));
         assert!(matches!(a.verify("garbage"), Err(AuthError::Invalid(_))));
-    }
-
-    #[test]
-    fn query_tokens_are_found_and_decoded() {
-        let req = hyper::Request::builder()
-            .uri("/ws?x=1&token=a%2Eb.c")
-            .body(())
-            .expect("request");
-        assert_eq!(token_from_request(&req).as_deref(), Some("a.b.c"));
-        let req = hyper::Request::builder()
-            .uri("/ws?token=q")
-            .header("authorization", "Bearer h")
-            .body(())
-            .expect("request");
-        assert_eq!(token_from_request(&req).as_deref(), Some("h"));
-        let req = hyper::Request::builder()
-            .uri("/ws")
-            .body(())
-            .expect("request");
-        assert_eq!(token_from_request(&req), None);
     }
 }

@@ -3,43 +3,51 @@
 //!
 //! # Layout
 //!
-//! The database does the capturing; this crate installs it and relays it. Data moves in this order:
+//! The database does the capturing; this crate installs it and relays it.
+//! The folders follow an event's path, from the table to the socket:
 //!
-//! - `migrations/` (SQL, installed by [`schema`]): triggers give every
-//!   change of a tracked table a per-scope `seq`, append it to the event
-//!   log `relay.events` and ring a small `pg_notify` doorbell.
-//! - [`schema`]: the embedded migrations and the install SQL for psql.
-//! - [`embedded_pg`]: a private Postgres from the local server binaries,
-//!   for `pgrelay serve` without `DATABASE_URL` and for the tests.
-//! - [`listener`]: the one LISTEN connection; turns notices into hints
-//!   (scope, seq), proves itself with a self-addressed probe, reconnects.
-//! - [`log`]: reads frames from the event log, the only source of what is
-//!   sent; live delivery, resume and gap fill share it.
-//! - [`hub`]: scope -> topic (ring of recent frames) -> subscribers; the
-//!   fetcher that reads many dirty topics per query; the poller.
-//! - [`session`]: one WebSocket: subscriptions, cursors, catch-up from the
-//!   log for clients that fall behind.
-//! - [`protocol`]: client frames in, control frames out, close codes.
-//! - [`auth`]: JWT verification; [`http`]: routes; [`api`]: the chat
-//!   HTTP API over the `chat` SQL functions; [`metrics`]: counters for
-//!   `/metrics`; [`server`]: wiring and shutdown.
-//! - [`retention`]: trims the event log on a schedule, one relay at a time.
-//! - [`demo`]: the demo project seeded into a private database.
+//! - `migrations/` (SQL): triggers give every change of a tracked table a
+//!   per-scope `seq`, append it to the event log `relay.events` and ring a
+//!   small `pg_notify` doorbell.
+//! - [`db`]: what installs and runs Postgres. [`db::schema`] embeds the
+//!   migrations and prints the install SQL; [`db::embedded`] runs a
+//!   private Postgres from the local server binaries (for `pgrelay serve`
+//!   without `DATABASE_URL`, and for the tests); [`db::demo`] seeds the
+//!   demo project; [`db::connect`] opens every connection (pool, LISTEN,
+//!   single) with the same policy.
+//! - [`relay`]: the delivery path, in order.
+//!   - [`relay::listener`]: the one LISTEN connection; turns notices into
+//!     hints (scope, seq), proves itself, reconnects.
+//!   - [`relay::log`]: reads frames from the event log, the only source of
+//!     what is sent; live delivery, resume and gap fill share it.
+//!   - [`relay::hub`]: scope -> topic (ring of recent frames) ->
+//!     subscribers; the fetcher that reads many dirty topics per query; the
+//!     poller.
+//!   - [`relay::session`]: one WebSocket: subscriptions, cursors, catch-up
+//!     from the log for clients that fall behind.
+//!   - [`relay::protocol`]: client frames in, control frames out, close
+//!     codes.
+//! - [`http`]: the edges. The router and accept loop, [`http::websocket`]
+//!   (the `/ws` handshake), [`http::api`] (the chat API under `/v1`),
+//!   [`http::demo`] (the page at `/`), and the helpers every route shares
+//!   ([`http::request`], [`http::response`]).
+//! - Beside the path: [`auth`] (token verification, nothing of HTTP),
+//!   [`config`] (every setting), [`metrics`] (counters for `/metrics`),
+//!   [`retention`] (trims the log, one relay at a time), and [`server`],
+//!   which wires one relay together and shuts it down in order.
 //!
-//! See `DESIGN.md` of the project for the guarantees (G1 to G7) each layer
-//! upholds.
+//! Imports only point down this list or sideways within a folder: `relay`
+//! and `http` use `db`, `auth`, `metrics`; `http` uses `relay`; nothing
+//! below uses `http` or `server`.
+//!
+//! See `DESIGN.md` of the project for the guarantees (G1 to G8) each layer
+//! upholds; `tests/` names its files after them.
 
-pub mod api;
 pub mod auth;
-pub mod demo;
-pub mod embedded_pg;
+pub mod config;
+pub mod db;
 pub mod http;
-pub mod hub;
-pub mod listener;
-pub mod log;
 pub mod metrics;
-pub mod protocol;
+pub mod relay;
 pub mod retention;
-pub mod schema;
 pub mod server;
-pub mod session;

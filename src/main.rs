@@ -1,16 +1,16 @@
 //! The `pgrelay` command line: configuration lives here and only here; the
 //! library takes what it needs as arguments.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgrelay::auth::{AuthConfig, Authenticator};
-use pgrelay::embedded_pg::{PgOptions, PgServer};
-use pgrelay::retention::RetentionConfig;
-use pgrelay::server::{self, RelayConfig};
-use pgrelay::{demo, schema};
+use pgrelay::config::{parse_duration, ServeArgs};
+use pgrelay::db::embedded::{PgOptions, PgServer};
+use pgrelay::db::{demo, schema};
+use pgrelay::server;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
@@ -54,126 +54,15 @@ enum Cmd {
     },
 }
 
-#[derive(clap::Args, Debug)]
-struct ServeArgs {
-    /// Database to use; without it a private Postgres is started.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// Where the private Postgres keeps its data; a temporary directory
-    /// (removed on exit) when not set.
-    #[arg(long, env = "PGRELAY_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Address and port to serve on.
-    #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// HS256 secret for client tokens (at least 16 bytes). With
-    /// DATABASE_URL a secret or a public key is required; the private demo
-    /// mode makes a random secret and prints tokens.
-    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
-    jwt_secret: Option<String>,
-    /// File holding the HS256 secret (trailing newline ignored).
-    #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
-    jwt_secret_file: Option<PathBuf>,
-    /// PEM public key (RSA for RS256, P-256 for ES256) to verify tokens.
-    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
-    jwt_public_key_file: Option<PathBuf>,
-    /// Clock-skew allowance on exp and nbf.
-    #[arg(long, env = "PGRELAY_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
-    jwt_leeway: Duration,
-    /// Required `aud` claim, if any.
-    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
-    jwt_audience: Option<String>,
-    /// Required `iss` claim, if any.
-    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
-    jwt_issuer: Option<String>,
-    /// Largest inbound WebSocket frame, in bytes.
-    #[arg(long, env = "PGRELAY_MAX_FRAME_BYTES", default_value_t = 65_536)]
-    max_frame_bytes: usize,
-    /// Subscriptions per connection.
-    #[arg(long, env = "PGRELAY_MAX_SUBSCRIPTIONS", default_value_t = 100)]
-    max_subscriptions: usize,
-    /// Open connections per user.
-    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
-    max_connections_per_user: usize,
-    /// Client frames per second per connection (twice that in a burst).
-    #[arg(long, env = "PGRELAY_MAX_FRAMES_PER_SECOND", default_value_t = 50)]
-    max_frames_per_second: u32,
-    /// Concurrent catch-up reads of the event log.
-    #[arg(long, env = "PGRELAY_MAX_BACKFILLS", default_value_t = 8)]
-    max_backfills: usize,
-    /// Comma-separated browser origins allowed to connect (default: any).
-    #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
-    allowed_origins: Vec<String>,
-    /// HTTP API requests per second per user (twice that in a burst).
-    #[arg(long, env = "PGRELAY_API_REQUESTS_PER_SECOND", default_value_t = 50)]
-    api_requests_per_second: u32,
-    /// Newest events kept per project by the retention job, however old.
-    #[arg(long, env = "PGRELAY_RETENTION_KEEP_MIN", default_value_t = 1000)]
-    retention_keep_min: i32,
-    /// Events younger than this are never trimmed.
-    #[arg(long, env = "PGRELAY_RETENTION_MIN_AGE", default_value = "1d", value_parser = parse_duration)]
-    retention_min_age: Duration,
-    /// How often the retention job runs.
-    #[arg(long, env = "PGRELAY_RETENTION_INTERVAL", default_value = "60s", value_parser = parse_duration)]
-    retention_interval: Duration,
-    /// Never trim the event log.
-    #[arg(long, env = "PGRELAY_NO_RETENTION")]
-    no_retention: bool,
-    /// Comma-separated resources whose events change membership.
-    #[arg(
-        long,
-        env = "PGRELAY_MEMBERSHIP_RESOURCES",
-        value_delimiter = ',',
-        default_value = "project_member"
-    )]
-    membership_resources: Vec<String>,
-    /// The NOTIFY channel the capture triggers use.
-    #[arg(long, env = "PGRELAY_CHANNEL", default_value = "cache_invalidate")]
-    channel: String,
-}
-
-impl Default for ServeArgs {
-    fn default() -> Self {
-        // The same defaults as the flags, environment included.
-        ServeArgs::parse_from(["serve"])
-    }
-}
-
-#[derive(Parser)]
-struct ServeOnly {
-    #[command(flatten)]
-    args: ServeArgs,
-}
-
-impl ServeArgs {
-    fn parse_from<const N: usize>(argv: [&str; N]) -> Self {
-        ServeOnly::parse_from(argv).args
-    }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("unknown unit {unit:?}; use s, m, h or d")),
-    };
-    Ok(Duration::from_secs(secs))
-}
-
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,tokio_postgres=warn".into()),
         )
+        // Colour codes only for a person at a terminal: a log file or a
+        // pipe to a collector gets plain text (and NO_COLOR is honoured).
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
@@ -207,7 +96,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Keep the private server alive for as long as we serve.
     let mut _private_pg = None;
     let private = args.database_url.is_none();
-    let database_url = match args.database_url {
+    let database_url = match args.database_url.clone() {
         Some(url) => {
             schema::migrate(&url)
                 .await
@@ -216,7 +105,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => {
             let options = PgOptions {
-                data_dir: args.data_dir,
+                data_dir: args.data_dir.clone(),
                 ..PgOptions::default()
             };
             let pg = tokio::task::spawn_blocking(move || PgServer::start(options))
@@ -238,23 +127,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             url
         }
     };
-    let mut secret = match (&args.jwt_secret, &args.jwt_secret_file) {
-        (Some(s), _) if !s.is_empty() => Some(s.clone()),
-        (_, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the JWT secret file {}", path.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-        ),
-        _ => None,
-    };
-    let public_key = match &args.jwt_public_key_file {
-        Some(path) => Some(
-            std::fs::read(path)
-                .with_context(|| format!("reading the JWT public key file {}", path.display()))?,
-        ),
-        None => None,
-    };
+    let (mut secret, public_key) = args.token_keys()?;
     if secret.is_none() && public_key.is_none() {
         if !private {
             anyhow::bail!(
@@ -267,29 +140,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let socket = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let mut config = RelayConfig::new(database_url.clone(), Vec::new());
-    config.auth = AuthConfig {
-        hs256_secret: secret.clone().map(String::into_bytes),
-        public_key_pem: public_key,
-        leeway: args.jwt_leeway,
-        audience: args.jwt_audience,
-        issuer: args.jwt_issuer,
-    };
-    config.channel = args.channel;
-    config.max_frame_bytes = args.max_frame_bytes;
-    config.max_subscriptions_per_connection = args.max_subscriptions;
-    config.max_connections_per_user = args.max_connections_per_user;
-    config.max_frames_per_second = args.max_frames_per_second;
-    config.max_concurrent_backfills = args.max_backfills;
-    config.allowed_origins = args.allowed_origins;
-    config.membership_resources = args.membership_resources;
-    config.api_requests_per_second = args.api_requests_per_second;
-    config.retention = (!args.no_retention).then(|| RetentionConfig {
-        interval: args.retention_interval,
-        keep_min: args.retention_keep_min,
-        min_age: args.retention_min_age,
-        ..RetentionConfig::default()
-    });
+    let config = args.relay_config(database_url.clone(), secret.clone(), public_key);
     let relay = server::start(config, socket).await?;
     let addr = relay.addr;
     if let (true, Some(secret)) = (private, &secret) {

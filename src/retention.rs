@@ -13,9 +13,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::connect;
 use crate::metrics::Metrics;
 
 /// Advisory-lock key of the trimmer ("pgrelay" + 2).
@@ -89,10 +90,9 @@ pub async fn run(
 /// A connection holding the trim lock, or `None` if another relay has it
 /// (or the database is away).
 async fn try_lead(database_url: &str) -> Option<Client> {
-    let mut pg: tokio_postgres::Config = database_url.parse().ok()?;
-    pg.application_name("pgrelay-retention");
-    let (client, connection) = pg.connect(NoTls).await.ok()?;
-    tokio::spawn(connection);
+    let client = connect::single(database_url, "pgrelay-retention")
+        .await
+        .ok()?;
     let row = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&TRIM_LOCK])
         .await

@@ -32,7 +32,7 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_healthy() {
             "bad_request",
         ),
         (
-            Message::Text(r#"{"action":"subscribe","project_id":7}"#.into()),
+            Message::Text(r#"{"action":"subscribe","project_id":7.5}"#.into()),
             "bad_request",
         ),
         (

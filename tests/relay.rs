@@ -250,7 +250,7 @@ async fn resuming_from_trimmed_history_gets_an_explicit_reset() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_use_generic_plans_without_jit() {
     let db = TestDb::new().await;
-    let log = pgrelay::log::EventLog::connect(
+    let log = pgrelay::relay::log::EventLog::connect(
         &db.url,
         2,
         std::sync::Arc::new(pgrelay::metrics::Metrics::default()),

@@ -25,8 +25,9 @@ use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use pgrelay::auth::Authenticator;
-use pgrelay::embedded_pg::{PgOptions, PgServer};
-use pgrelay::server::{self, RelayConfig};
+use pgrelay::config::RelayConfig;
+use pgrelay::db::embedded::{PgOptions, PgServer};
+use pgrelay::server;
 use serde_json::{json, Value};
 use tokio_postgres::{Client, NoTls};
 use tokio_tungstenite::tungstenite::Message;
@@ -188,7 +189,7 @@ impl Env {
         tokio::spawn(conn);
         admin.batch_execute("CREATE DATABASE bench").await?;
         let url = pg.url("bench");
-        pgrelay::schema::migrate(&url).await?;
+        pgrelay::db::schema::migrate(&url).await?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();

@@ -11,8 +11,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use pgrelay::embedded_pg::{PgOptions, PgServer};
-use pgrelay::schema;
+use pgrelay::db::embedded::{PgOptions, PgServer};
+use pgrelay::db::schema;
 use tokio_postgres::{Client, NoTls};
 
 const TEMPLATE: &str = "pgrelay_template";
@@ -171,7 +171,8 @@ impl Notices {
 
 use futures_util::{SinkExt, StreamExt};
 use pgrelay::auth::Authenticator;
-use pgrelay::server::{RelayConfig, RelayHandle};
+use pgrelay::config::RelayConfig;
+use pgrelay::server::RelayHandle;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 

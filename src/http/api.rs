@@ -20,9 +20,10 @@ use serde_json::{json, Map, Value};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use crate::auth::{self, AuthError, Authenticator};
-use crate::http::{json_error, json_response, percent_decode, Body};
-use crate::log::EventLog;
+use crate::auth::{AuthError, Authenticator};
+use crate::http::request::{percent_decode, token_from_request};
+use crate::http::response::{json_error, json_response, Body};
+use crate::relay::log::EventLog;
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -111,10 +112,10 @@ impl From<AuthError> for ApiError {
     }
 }
 
-impl From<crate::log::LogError> for ApiError {
-    fn from(e: crate::log::LogError) -> Self {
+impl From<crate::relay::log::LogError> for ApiError {
+    fn from(e: crate::relay::log::LogError) -> Self {
         match e {
-            crate::log::LogError::Query(e) => sql_error(e),
+            crate::relay::log::LogError::Query(e) => sql_error(e),
             other => {
                 tracing::warn!(error = %other, "API could not reach the database");
                 ApiError::unavailable()
@@ -264,7 +265,7 @@ impl Api {
     }
 
     fn authenticate<B>(&self, req: &Request<B>) -> Result<String, ApiError> {
-        let token = auth::token_from_request(req).ok_or(AuthError::Missing)?;
+        let token = token_from_request(req).ok_or(AuthError::Missing)?;
         Ok(self.auth.verify(&token)?.user_id)
     }
 
@@ -304,7 +305,7 @@ impl Api {
             .pool()
             .get()
             .await
-            .map_err(crate::log::LogError::from)?;
+            .map_err(crate::relay::log::LogError::from)?;
         let stmt = client.prepare_cached(sql).await?;
         Ok(client.query_one(&stmt, params).await?)
     }
@@ -327,7 +328,7 @@ impl Api {
             .pool()
             .get()
             .await
-            .map_err(crate::log::LogError::from)?;
+            .map_err(crate::relay::log::LogError::from)?;
         let stmt = client.prepare_cached(sql).await?;
         Ok(client
             .query(&stmt, params)

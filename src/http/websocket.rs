@@ -1,135 +1,27 @@
-//! The HTTP surface: `GET /ws` (the WebSocket upgrade), `GET /healthz`
-//! (ready only while LISTENing), `GET /metrics` (Prometheus text). Every
-//! error is a JSON body with a status, never an empty reply.
+//! `GET /ws`: the WebSocket handshake, the checks made before a session
+//! starts (origin, token, connections per user), and the hand-over to
+//! [`session::run`].
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::json;
-use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::api::Api;
-use crate::auth::{self, AuthError};
-use crate::metrics::Metrics;
-use crate::protocol::close;
-use crate::session::{self, SessionContext};
-
-pub type Body = Full<Bytes>;
-
-/// What request handling shares.
-pub struct HttpState {
-    pub sessions: Arc<SessionContext>,
-    /// The chat API under `/v1`.
-    pub api: Api,
-    pub metrics: Arc<Metrics>,
-    /// Browser origins allowed to open a WebSocket; empty allows any.
-    pub allowed_origins: Vec<String>,
-    pub max_connections_per_user: usize,
-    /// Open WebSockets per user id.
-    pub user_connections: Arc<Mutex<HashMap<String, usize>>>,
-    pub listening: watch::Receiver<bool>,
-    /// Inbound WebSocket frame and message limit, in bytes.
-    pub max_frame_bytes: usize,
-    /// Ends sessions on shutdown.
-    pub shutdown: CancellationToken,
-    /// Tracks upgraded connections, which hyper no longer tracks.
-    pub tasks: TaskTracker,
-}
-
-pub async fn handle(
-    req: Request<Incoming>,
-    state: Arc<HttpState>,
-) -> Result<Response<Body>, Infallible> {
-    if req.uri().path() == "/v1" || req.uri().path().starts_with("/v1/") {
-        return Ok(state.api.handle(req).await);
-    }
-    let response = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(req, &state),
-        (&Method::GET, "/healthz") => healthz(&state),
-        (&Method::GET, "/") => demo_page(),
-        (&Method::GET, "/metrics") => metrics(&state).await,
-        (_, "/ws" | "/healthz" | "/metrics") => {
-            let mut r = json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "use GET",
-            );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET"));
-            r
-        }
-        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such route"),
-    };
-    Ok(response)
-}
-
-pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    json_response(status, json!({"error": {"code": code, "message": message}}))
-}
-
-/// The demo chat page: a complete client in one file (history over HTTP,
-/// live events over the WebSocket, resume with since_seq).
-fn demo_page() -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from_static(include_bytes!("demo.html"))));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    response
-}
-
-fn healthz(state: &HttpState) -> Response<Body> {
-    if *state.listening.borrow() {
-        json_response(StatusCode::OK, json!({"status": "ok", "listening": true}))
-    } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "unavailable", "listening": false,
-                   "message": "not LISTENing on the database; events are being polled"}),
-        )
-    }
-}
-
-async fn metrics(state: &HttpState) -> Response<Body> {
-    let usage = tokio::time::timeout(
-        Duration::from_secs(1),
-        state.sessions.log.notification_queue_usage(),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok);
-    let mut response = Response::new(Full::new(Bytes::from(state.metrics.render(usage))));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
-    response
-}
+use crate::auth::AuthError;
+use crate::http::request::token_from_request;
+use crate::http::response::{json_error, Body};
+use crate::http::HttpState;
+use crate::relay::protocol::close;
+use crate::relay::session;
 
 fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
     req.headers()
@@ -144,7 +36,7 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
 /// bad token still gets the upgrade, then a close with the documented
 /// code: browsers cannot read the status of a refused handshake, but they
 /// can read a close code.
-fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body> {
+pub fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body> {
     if !header_has_token(&req, header::UPGRADE, "websocket")
         || !header_has_token(&req, header::CONNECTION, "upgrade")
     {
@@ -182,7 +74,7 @@ fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body>
         );
     };
     let accept = derive_accept_key(key.as_bytes());
-    let verdict = match auth::token_from_request(&req) {
+    let verdict = match token_from_request(&req) {
         Some(token) => state.sessions.auth.verify(&token),
         None => Err(AuthError::Missing),
     }
@@ -317,31 +209,4 @@ fn origin_allowed<B>(req: &Request<B>, allowed: &[String]) -> bool {
         None => true,
         Some(origin) => allowed.iter().any(|a| a == origin || a == "*"),
     }
-}
-
-/// Decodes `%XX` escapes (and, in query strings, `+` as space). Invalid
-/// escapes are kept as they are; invalid UTF-8 becomes U+FFFD.
-pub fn percent_decode(s: &str, plus_as_space: bool) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Some(v) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(if plus_as_space && bytes[i] == b'+' {
-            b' '
-        } else {
-            bytes[i]
-        });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -21,8 +21,8 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::log::{EventLog, Frame, ReadLimits};
 use crate::metrics::Metrics;
+use crate::relay::log::{EventLog, Frame, ReadLimits};
 
 /// Bounds of the hub.
 #[derive(Debug, Clone, Copy)]

@@ -21,8 +21,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Hub;
+use crate::db::connect::{self, ConnectError};
 use crate::metrics::Metrics;
+use crate::relay::hub::Hub;
 
 /// How long a self-addressed probe may take to come back.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,6 +40,8 @@ pub struct ListenerConfig {
 /// Why one LISTEN session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionEnd {
+    #[error("{0}")]
+    Config(#[source] ConnectError),
     #[error("connecting: {0}")]
     Connect(#[source] tokio_postgres::Error),
     #[error("LISTEN/NOTIFY command failed: {0}")]
@@ -103,14 +106,7 @@ async fn session(
     shutdown: &CancellationToken,
     backoff: &mut Duration,
 ) -> Result<(), SessionEnd> {
-    let mut pg: tokio_postgres::Config =
-        config.database_url.parse().map_err(SessionEnd::Connect)?;
-    pg.application_name("pgrelay-listener")
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(10))
-        .keepalives_interval(Duration::from_secs(5))
-        .keepalives_retries(3)
-        .connect_timeout(Duration::from_secs(5));
+    let pg = connect::listen_config(&config.database_url).map_err(SessionEnd::Config)?;
     let (client, mut connection) = pg.connect(NoTls).await.map_err(SessionEnd::Connect)?;
 
     let probe_channel = format!(

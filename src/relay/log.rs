@@ -6,33 +6,17 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
+use deadpool_postgres::Pool;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+use crate::db::connect::{self, ConnectError};
 use crate::metrics::Metrics;
-
-/// Settings for every pooled connection, which runs the same few
-/// statements thousands of times a second.
-///
-/// With the default plan cache mode, Postgres re-plans `frames_after_many`
-/// on every call (its array parameters make a custom plan look cheaper),
-/// and planning it, which inlines `frames_after` and `render` from their
-/// text, took 0.35 to 0.7 ms of a read that executes in 0.06 ms. A generic
-/// plan is made once per connection. JIT goes off because that generic
-/// plan's row estimate is above `jit_above_cost`, and compiling it cost
-/// 7 ms per execution; no query here runs long enough to repay JIT.
-/// Plain `SET`s rather than startup options, which poolers such as
-/// PgBouncer refuse.
-const SESSION_SETTINGS: &str = "SET plan_cache_mode = force_generic_plan; SET jit = off";
 
 /// Why the log could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("database URL: {0}")]
-    Config(#[source] tokio_postgres::Error),
-    #[error("building the pool: {0}")]
-    Build(#[from] deadpool_postgres::BuildError),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
     #[error("no database connection: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("query failed: {0}")]
@@ -84,29 +68,7 @@ impl EventLog {
         metrics: Arc<Metrics>,
         membership_resources: &[String],
     ) -> Result<Self, LogError> {
-        let mut config: tokio_postgres::Config = database_url.parse().map_err(LogError::Config)?;
-        config.application_name("pgrelay");
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(size)
-            .wait_timeout(Some(std::time::Duration::from_secs(10)))
-            .create_timeout(Some(std::time::Duration::from_secs(5)))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
-                Box::pin(async move {
-                    client
-                        .batch_execute(SESSION_SETTINGS)
-                        .await
-                        .map_err(deadpool_postgres::HookError::Backend)
-                })
-            }))
-            .build()?;
+        let pool = connect::pool(database_url, size)?;
         Ok(EventLog {
             pool,
             metrics,

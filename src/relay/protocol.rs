@@ -130,9 +130,12 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
                 ),
                 Some(action),
             )),
+            // Apps with integer keys send them as numbers; the scope is
+            // their decimal text, the same text a trigger's `::text` makes.
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
             Some(_) => Err(ProtocolError::new(
                 code::BAD_REQUEST,
-                "\"project_id\" must be a string",
+                "\"project_id\" must be a string or an integer",
                 Some(action),
             )),
             None => Err(ProtocolError::new(
@@ -253,6 +256,25 @@ mod tests {
             Ok(ClientMessage::Unsubscribe { scope: "p".into() })
         );
         assert_eq!(parse(r#"{"action":"ping"}"#), Ok(ClientMessage::Ping));
+    }
+
+    #[test]
+    fn integer_scopes_are_their_decimal_text() {
+        assert_eq!(
+            parse(r#"{"action":"subscribe","project_id":42}"#),
+            Ok(ClientMessage::Subscribe {
+                scope: "42".into(),
+                since_seq: None
+            })
+        );
+        assert_eq!(
+            parse(r#"{"action":"unsubscribe","project_id":-7}"#),
+            Ok(ClientMessage::Unsubscribe { scope: "-7".into() })
+        );
+        for bad in ["1.5", "true", "[1]", "{}"] {
+            let text = format!(r#"{{"action":"subscribe","project_id":{bad}}}"#);
+            assert_eq!(parse(&text).unwrap_err().code, code::BAD_REQUEST, "{bad}");
+        }
     }
 
     #[test]

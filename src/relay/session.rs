@@ -31,10 +31,10 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, AuthError, Authenticator, Identity};
-use crate::hub::{Hub, RingRead, Topic};
-use crate::log::{EventLog, Frame, LogError, ReadLimits};
 use crate::metrics::Metrics;
-use crate::protocol::{self, close, code, reset_reason, ClientMessage};
+use crate::relay::hub::{Hub, RingRead, Topic};
+use crate::relay::log::{EventLog, Frame, LogError, ReadLimits};
+use crate::relay::protocol::{self, close, code, reset_reason, ClientMessage};
 
 /// Most ring frames written per subscription before the session looks at
 /// its socket and other subscriptions again (fairness).

@@ -7,6 +7,8 @@
 
 use tokio_postgres::{Client, NoTls};
 
+use crate::db::connect::{self, ConnectError};
+
 refinery::embed_migrations!("migrations");
 
 /// Advisory-lock key that serialises migrations when several relay
@@ -16,8 +18,8 @@ const MIGRATION_LOCK: i64 = 0x7067_7265_6c61_7901; // "pgrelay" + 1
 /// Why the schema could not be installed.
 #[derive(Debug, thiserror::Error)]
 pub enum SchemaError {
-    #[error("connecting to the database: {0}")]
-    Connect(#[source] tokio_postgres::Error),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
     #[error("taking the migration lock: {0}")]
     Lock(#[source] tokio_postgres::Error),
     #[error("applying migrations: {0}")]
@@ -30,9 +32,9 @@ pub fn install_sql(with_chat: bool) -> String {
     let mut sql = String::from(
         "-- pgrelay install SQL; run with: psql -v ON_ERROR_STOP=1 -f this_file.sql\n",
     );
-    sql.push_str(include_str!("../migrations/V1__relay.sql"));
+    sql.push_str(include_str!("../../migrations/V1__relay.sql"));
     if with_chat {
-        sql.push_str(include_str!("../migrations/V2__chat.sql"));
+        sql.push_str(include_str!("../../migrations/V2__chat.sql"));
     }
     sql
 }
@@ -40,9 +42,10 @@ pub fn install_sql(with_chat: bool) -> String {
 /// Applies every pending migration, holding an advisory lock so that
 /// concurrent relays do not race. Returns the names of those applied.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, SchemaError> {
-    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
+    let (mut client, connection) = connect::config(database_url, "pgrelay-migrate")?
+        .connect(NoTls)
         .await
-        .map_err(SchemaError::Connect)?;
+        .map_err(ConnectError::Connect)?;
     let conn_task = tokio::spawn(connection);
     let applied = migrate_with(&mut client).await;
     drop(client);

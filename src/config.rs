@@ -1,0 +1,337 @@
+//! The settings: [`ServeArgs`] is what `pgrelay serve` takes from its
+//! flags and the environment (each documented in
+//! `docs/configuration.md`), [`RelayConfig`] is what a relay runs with.
+//! The binary only parses; the library, and the tests, take a
+//! `RelayConfig`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::Parser;
+
+use crate::auth::AuthConfig;
+use crate::retention::RetentionConfig;
+
+/// A setting that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ConfigError {
+    fn read(path: &Path, source: std::io::Error) -> Self {
+        ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Everything a relay needs to know. Defaults are the documented ones.
+#[derive(Clone)]
+pub struct RelayConfig {
+    pub database_url: String,
+    /// The NOTIFY channel (`PGRELAY_CHANNEL`).
+    pub channel: String,
+    /// How client tokens are checked.
+    pub auth: AuthConfig,
+    /// Resources whose events change membership: subscribers of the scope
+    /// are re-authorized after each (G4).
+    pub membership_resources: Vec<String>,
+    /// WebSocket ping period.
+    pub ping_interval: Duration,
+    /// A peer silent (or accepting no bytes) this long is closed.
+    pub pong_timeout: Duration,
+    /// Largest inbound WebSocket message.
+    pub max_frame_bytes: usize,
+    pub max_subscriptions_per_connection: usize,
+    /// Open WebSockets per user; more are closed with 4029.
+    pub max_connections_per_user: usize,
+    /// Client frames per second per connection (twice that in a burst).
+    pub max_frames_per_second: u32,
+    /// Browser origins allowed to connect; empty allows any. Requests
+    /// without an Origin header (non-browsers) are always allowed.
+    pub allowed_origins: Vec<String>,
+    pub max_concurrent_backfills: usize,
+    /// HTTP API requests per second per user (twice that in a burst).
+    pub api_requests_per_second: u32,
+    /// Database connections for reads (not counting the LISTEN one).
+    pub pool_size: usize,
+    /// Per-scope limits of one log read.
+    pub read_rows: i32,
+    pub read_bytes: i64,
+    /// Per-topic ring of recent frames.
+    pub ring_frames: usize,
+    pub ring_bytes: usize,
+    /// Resync period while the LISTEN connection is down.
+    pub poll_interval: Duration,
+    /// Safety-net resync period while it is up.
+    pub resync_interval: Duration,
+    /// How often the LISTEN connection re-proves itself.
+    pub probe_interval: Duration,
+    /// How long shutdown waits for clients to take their close frames.
+    pub shutdown_grace: Duration,
+    /// Trimming of the event log; `None` leaves the log untrimmed.
+    pub retention: Option<RetentionConfig>,
+}
+
+impl RelayConfig {
+    pub fn new(database_url: impl Into<String>, jwt_secret: impl Into<Vec<u8>>) -> Self {
+        RelayConfig {
+            database_url: database_url.into(),
+            channel: "cache_invalidate".into(),
+            auth: AuthConfig {
+                hs256_secret: Some(jwt_secret.into()),
+                leeway: Duration::from_secs(5),
+                ..AuthConfig::default()
+            },
+            membership_resources: vec!["project_member".into()],
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(45),
+            max_frame_bytes: 64 * 1024,
+            max_subscriptions_per_connection: 100,
+            max_connections_per_user: 32,
+            max_frames_per_second: 50,
+            allowed_origins: Vec::new(),
+            max_concurrent_backfills: 8,
+            api_requests_per_second: 50,
+            pool_size: 16,
+            read_rows: 500,
+            read_bytes: 4 << 20,
+            ring_frames: 4096,
+            ring_bytes: 16 << 20,
+            poll_interval: Duration::from_millis(500),
+            resync_interval: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+            retention: Some(RetentionConfig::default()),
+        }
+    }
+}
+
+/// The settings of `pgrelay serve`, each a flag and an environment
+/// variable; `docs/configuration.md` lists them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Database to use; without it a private Postgres is started.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Where the private Postgres keeps its data; a temporary directory
+    /// (removed on exit) when not set.
+    #[arg(long, env = "PGRELAY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address and port to serve on.
+    #[arg(long, env = "PGRELAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// HS256 secret for client tokens (at least 16 bytes). With
+    /// DATABASE_URL a secret or a public key is required; the private demo
+    /// mode makes a random secret and prints tokens.
+    #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// File holding the HS256 secret (trailing newline ignored).
+    #[arg(long, env = "PGRELAY_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA for RS256, P-256 for ES256) to verify tokens.
+    #[arg(long, env = "PGRELAY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Clock-skew allowance on exp and nbf.
+    #[arg(long, env = "PGRELAY_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+    /// Required `aud` claim, if any.
+    #[arg(long, env = "PGRELAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` claim, if any.
+    #[arg(long, env = "PGRELAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Largest inbound WebSocket frame, in bytes.
+    #[arg(long, env = "PGRELAY_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+    /// Subscriptions per connection.
+    #[arg(long, env = "PGRELAY_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+    /// Open connections per user.
+    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub max_connections_per_user: usize,
+    /// Client frames per second per connection (twice that in a burst).
+    #[arg(long, env = "PGRELAY_MAX_FRAMES_PER_SECOND", default_value_t = 50)]
+    pub max_frames_per_second: u32,
+    /// Concurrent catch-up reads of the event log.
+    #[arg(long, env = "PGRELAY_MAX_BACKFILLS", default_value_t = 8)]
+    pub max_backfills: usize,
+    /// Comma-separated browser origins allowed to connect (default: any).
+    #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// HTTP API requests per second per user (twice that in a burst).
+    #[arg(long, env = "PGRELAY_API_REQUESTS_PER_SECOND", default_value_t = 50)]
+    pub api_requests_per_second: u32,
+    /// Newest events kept per project by the retention job, however old.
+    #[arg(long, env = "PGRELAY_RETENTION_KEEP_MIN", default_value_t = 1000)]
+    pub retention_keep_min: i32,
+    /// Events younger than this are never trimmed.
+    #[arg(long, env = "PGRELAY_RETENTION_MIN_AGE", default_value = "1d", value_parser = parse_duration)]
+    pub retention_min_age: Duration,
+    /// How often the retention job runs.
+    #[arg(long, env = "PGRELAY_RETENTION_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub retention_interval: Duration,
+    /// Never trim the event log.
+    ///
+    /// Like every yes/no setting, it takes `1`/`0`, `true`/`false`,
+    /// `yes`/`no` or `on`/`off`, and a bare `--no-retention` means yes.
+    #[arg(
+        long,
+        env = "PGRELAY_NO_RETENTION",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub no_retention: bool,
+    /// Comma-separated resources whose events change membership.
+    #[arg(
+        long,
+        env = "PGRELAY_MEMBERSHIP_RESOURCES",
+        value_delimiter = ',',
+        default_value = "project_member"
+    )]
+    pub membership_resources: Vec<String>,
+    /// The NOTIFY channel the capture triggers use.
+    #[arg(long, env = "PGRELAY_CHANNEL", default_value = "cache_invalidate")]
+    pub channel: String,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        // The same defaults as the flags, environment included.
+        ServeArgs::parse_from(["serve"])
+    }
+}
+
+#[derive(Parser)]
+struct ServeOnly {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+impl ServeArgs {
+    /// Parses serve's flags alone (and the environment), as the binary
+    /// would; `argv[0]` is the program name.
+    pub fn parse_from<const N: usize>(argv: [&str; N]) -> Self {
+        ServeOnly::parse_from(argv).args
+    }
+
+    /// The keys client tokens are checked with: an HS256 secret (from the
+    /// flag or its file) and a PEM public key, as configured. Both `None`
+    /// means none was configured.
+    pub fn token_keys(&self) -> Result<(Option<String>, Option<Vec<u8>>), ConfigError> {
+        let secret = match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(s), _) if !s.is_empty() => Some(s.clone()),
+            (_, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::read(path, e))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        let public_key = match &self.jwt_public_key_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| ConfigError::read(path, e))?),
+            None => None,
+        };
+        Ok((secret, public_key))
+    }
+
+    /// The relay's configuration for `database_url`, with tokens checked by
+    /// `secret` and/or `public_key`.
+    pub fn relay_config(
+        &self,
+        database_url: String,
+        secret: Option<String>,
+        public_key: Option<Vec<u8>>,
+    ) -> RelayConfig {
+        let mut config = RelayConfig::new(database_url, Vec::new());
+        config.auth = AuthConfig {
+            hs256_secret: secret.map(String::into_bytes),
+            public_key_pem: public_key,
+            leeway: self.jwt_leeway,
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+        };
+        config.channel = self.channel.clone();
+        config.max_frame_bytes = self.max_frame_bytes;
+        config.max_subscriptions_per_connection = self.max_subscriptions;
+        config.max_connections_per_user = self.max_connections_per_user;
+        config.max_frames_per_second = self.max_frames_per_second;
+        config.max_concurrent_backfills = self.max_backfills;
+        config.allowed_origins = self.allowed_origins.clone();
+        config.membership_resources = self.membership_resources.clone();
+        config.api_requests_per_second = self.api_requests_per_second;
+        config.retention = (!self.no_retention).then(|| RetentionConfig {
+            interval: self.retention_interval,
+            keep_min: self.retention_keep_min,
+            min_age: self.retention_min_age,
+            ..RetentionConfig::default()
+        });
+        config
+    }
+}
+
+/// Durations as people write them: `90s`, `30m`, `1h`, `7d` (a bare
+/// number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit {unit:?}; use s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long a duration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_overflow_is_refused() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+        assert!(parse_duration("999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn boolean_settings_take_what_people_write() {
+        for yes in ["1", "true", "yes", "on", "TRUE"] {
+            let args = ServeOnly::try_parse_from(["serve", &format!("--no-retention={yes}")])
+                .map(|o| o.args.no_retention);
+            assert!(matches!(args, Ok(true)), "{yes}: {args:?}");
+        }
+        for no in ["0", "false", "no", "off"] {
+            let args = ServeOnly::try_parse_from(["serve", &format!("--no-retention={no}")])
+                .map(|o| o.args.no_retention);
+            assert!(matches!(args, Ok(false)), "{no}: {args:?}");
+        }
+        let bare =
+            ServeOnly::try_parse_from(["serve", "--no-retention"]).map(|o| o.args.no_retention);
+        assert!(matches!(bare, Ok(true)), "{bare:?}");
+        assert!(ServeOnly::try_parse_from(["serve", "--no-retention=maybe"]).is_err());
+    }
+}
