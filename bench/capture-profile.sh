@@ -77,6 +77,13 @@ SQL
         v_void := pg_notify(relay.channel(), v_notice)::text;"
     echo "CREATE TABLE profile.captured (LIKE profile.plain INCLUDING ALL);"
     echo "SELECT relay.enable('profile.captured', 'row');"
+    # The same trigger body run with the writer's rights, as before capture
+    # became SECURITY DEFINER (V3): the price of "any writer, no forging".
+    echo "DO \$\$ BEGIN EXECUTE format('CREATE FUNCTION profile.capture_invoker() RETURNS trigger LANGUAGE plpgsql AS %L',
+          (SELECT prosrc FROM pg_proc WHERE oid = 'relay.capture()'::regprocedure)); END \$\$;"
+    echo "CREATE TABLE profile.captured_invoker (LIKE profile.plain INCLUDING ALL);"
+    echo "CREATE TRIGGER captured_invoker AFTER INSERT ON profile.captured_invoker REFERENCING NEW TABLE AS relay_new_rows
+          FOR EACH STATEMENT EXECUTE FUNCTION profile.capture_invoker('row', 'project_id', 'id');"
 } | "${psql[@]}" -o /dev/null profile
 "${as_pg[@]}" "$bin/pg_ctl" -D "$work/data" stop >/dev/null
 
@@ -121,8 +128,11 @@ plain=$(per_insert profile.plain)
         printf '| %s | %s | %s | %s |\n' "${s#*:}" "$n" "$(ratio "$n" "$plain")" "$((n - prev))"
         prev=$n
     done
+    n=$(per_insert profile.captured_invoker)
+    printf '| relay.capture body as the writer (SECURITY INVOKER, before V3) | %s | %s | |\n' "$n" "$(ratio "$n" "$plain")"
+    invoker=$n
     n=$(per_insert profile.captured)
-    printf '| relay.capture (the real trigger) | %s | %s | |\n' "$n" "$(ratio "$n" "$plain")"
+    printf '| relay.capture (the real trigger: SECURITY DEFINER, pinned search_path) | %s | %s | %s |\n' "$n" "$(ratio "$n" "$plain")" "$((n - invoker))"
     echo
     echo "Postgres $("$bin/postgres" --version | awk '{print $3}'), $(valgrind --version), command: bench/capture-profile.sh"
 } | tee "$out"

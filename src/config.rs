@@ -11,6 +11,7 @@ use clap::builder::BoolishValueParser;
 use clap::Parser;
 
 use crate::auth::AuthConfig;
+use crate::db::schema::Apps;
 use crate::retention::RetentionConfig;
 
 /// A setting that could not be used.
@@ -41,9 +42,16 @@ pub struct RelayConfig {
     pub channel: String,
     /// How client tokens are checked.
     pub auth: AuthConfig,
-    /// Resources whose events change membership: subscribers of the scope
-    /// are re-authorized after each (G4).
+    /// Resources whose events change membership, in addition to those the
+    /// database declares (`relay.enable(..., p_grants_membership => true)`):
+    /// subscribers of the scope are re-authorized after each (G4).
     pub membership_resources: Vec<String>,
+    /// Every subscription is re-authorized this often, for rules that read
+    /// tables nobody tracks; `None` turns the schedule off.
+    pub reauthorize_interval: Option<Duration>,
+    /// Longest a call of the app's `relay.authorize` may take; past it the
+    /// subscriptions it was asked for end with `authorize_failed`.
+    pub authorize_timeout: Duration,
     /// WebSocket ping period.
     pub ping_interval: Duration,
     /// A peer silent (or accepting no bytes) this long is closed.
@@ -91,7 +99,9 @@ impl RelayConfig {
                 leeway: Duration::from_secs(5),
                 ..AuthConfig::default()
             },
-            membership_resources: vec!["project_member".into()],
+            membership_resources: Vec::new(),
+            reauthorize_interval: Some(Duration::from_secs(60)),
+            authorize_timeout: Duration::from_secs(2),
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(45),
             max_frame_bytes: 64 * 1024,
@@ -192,14 +202,20 @@ pub struct ServeArgs {
         default_missing_value = "true"
     )]
     pub no_retention: bool,
-    /// Comma-separated resources whose events change membership.
-    #[arg(
-        long,
-        env = "PGRELAY_MEMBERSHIP_RESOURCES",
-        value_delimiter = ',',
-        default_value = "project_member"
-    )]
+    /// Comma-separated resources whose events change membership, in
+    /// addition to those the database declares (`relay.enable(...,
+    /// p_grants_membership => true)`); not needed for safety.
+    #[arg(long, env = "PGRELAY_MEMBERSHIP_RESOURCES", value_delimiter = ',')]
     pub membership_resources: Vec<String>,
+    /// Re-authorize every subscription this often (0 turns it off), for
+    /// rules that read tables nobody tracks.
+    #[arg(long, env = "PGRELAY_REAUTHORIZE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub reauthorize_interval: Duration,
+    /// Longest one call of `relay.authorize` may take.
+    #[arg(long, env = "PGRELAY_AUTHORIZE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub authorize_timeout: Duration,
+    #[command(flatten)]
+    pub apps: AppsArgs,
     /// The NOTIFY channel the capture triggers use.
     #[arg(long, env = "PGRELAY_CHANNEL", default_value = "cache_invalidate")]
     pub channel: String,
@@ -270,6 +286,9 @@ impl ServeArgs {
         config.max_concurrent_backfills = self.max_backfills;
         config.allowed_origins = self.allowed_origins.clone();
         config.membership_resources = self.membership_resources.clone();
+        config.reauthorize_interval =
+            (!self.reauthorize_interval.is_zero()).then_some(self.reauthorize_interval);
+        config.authorize_timeout = self.authorize_timeout;
         config.api_requests_per_second = self.api_requests_per_second;
         config.retention = (!self.no_retention).then(|| RetentionConfig {
             interval: self.retention_interval,
@@ -278,6 +297,30 @@ impl ServeArgs {
             ..RetentionConfig::default()
         });
         config
+    }
+}
+
+/// Which apps to install beside the `relay` engine; the same flag for
+/// `serve`, `migrate` and `sql`.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct AppsArgs {
+    /// Also install the `chat` reference app (its tables, functions, rule
+    /// and the `/v1` API). Without DATABASE_URL the private demo database
+    /// always has it.
+    #[arg(
+        long,
+        env = "PGRELAY_CHAT",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub chat: bool,
+}
+
+impl AppsArgs {
+    pub fn apps(&self) -> Apps {
+        Apps { chat: self.chat }
     }
 }
 

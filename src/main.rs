@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pgrelay::auth::{AuthConfig, Authenticator};
-use pgrelay::config::{parse_duration, ServeArgs};
+use pgrelay::config::{parse_duration, AppsArgs, ServeArgs};
+use pgrelay::db::demo;
 use pgrelay::db::embedded::{PgOptions, PgServer};
-use pgrelay::db::{demo, schema};
+use pgrelay::db::schema::{self, Apps};
 use pgrelay::server;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -33,11 +34,16 @@ enum Cmd {
     Migrate {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
+        #[command(flatten)]
+        apps: AppsArgs,
     },
     /// Print the install SQL for an existing database (psql -f).
     Sql {
-        /// Only the generic `relay` engine, without the `chat` reference app.
-        #[arg(long)]
+        #[command(flatten)]
+        apps: AppsArgs,
+        /// The engine alone; what `pgrelay sql` prints without `--chat`
+        /// (kept for scripts written for earlier versions).
+        #[arg(long, hide = true, conflicts_with = "chat")]
         relay_only: bool,
     },
     /// Print a client token signed with the configured secret (for
@@ -68,13 +74,13 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     match cli.command.unwrap_or_else(|| Cmd::Serve(Box::default())) {
         Cmd::Serve(args) => runtime.block_on(serve(*args)),
-        Cmd::Migrate { database_url } => runtime.block_on(async {
-            let applied = schema::migrate(&database_url).await?;
+        Cmd::Migrate { database_url, apps } => runtime.block_on(async {
+            let applied = schema::migrate(&database_url, apps.apps()).await?;
             tracing::info!(applied = ?applied, "migrations up to date");
             Ok(())
         }),
-        Cmd::Sql { relay_only } => {
-            print!("{}", schema::install_sql(!relay_only));
+        Cmd::Sql { apps, .. } => {
+            print!("{}", schema::install_sql(apps.apps()));
             Ok(())
         }
         Cmd::Token {
@@ -98,7 +104,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let private = args.database_url.is_none();
     let database_url = match args.database_url.clone() {
         Some(url) => {
-            schema::migrate(&url)
+            schema::migrate(&url, args.apps.apps())
                 .await
                 .context("migrating DATABASE_URL")?;
             url
@@ -114,7 +120,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("starting the private Postgres")?;
             create_database(&pg.url("postgres"), "pgrelay").await?;
             let url = pg.url("pgrelay");
-            schema::migrate(&url)
+            schema::migrate(&url, Apps::WITH_CHAT)
                 .await
                 .context("migrating the private database")?;
             let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;

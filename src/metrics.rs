@@ -45,6 +45,26 @@ impl Histogram {
     }
 }
 
+/// Why a subscription's authorization is asked again (G4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecheckCause {
+    /// An event of a resource that grants membership was sent.
+    MembershipEvent = 0,
+    /// The periodic safety net.
+    Schedule = 1,
+}
+
+impl RecheckCause {
+    pub const ALL: [RecheckCause; 2] = [RecheckCause::MembershipEvent, RecheckCause::Schedule];
+
+    fn label(self) -> &'static str {
+        match self {
+            RecheckCause::MembershipEvent => "membership_event",
+            RecheckCause::Schedule => "schedule",
+        }
+    }
+}
+
 /// Everything the relay counts. Field names are the metric names without
 /// the `pgrelay_` prefix.
 #[derive(Default)]
@@ -80,8 +100,15 @@ pub struct Metrics {
     pub resets_sent: AtomicU64,
     /// Client frames refused with an `error` frame.
     pub client_errors: AtomicU64,
-    /// Subscriptions ended because a membership change revoked access.
+    /// Subscriptions ended because a re-check found access revoked, over
+    /// all causes.
     pub revocations: AtomicU64,
+    /// The same, by cause (indexed by `RecheckCause`).
+    pub revocations_by_cause: [AtomicU64; RecheckCause::ALL.len()],
+    /// Subscriptions re-authorized, by cause.
+    pub reauthorizations: [AtomicU64; RecheckCause::ALL.len()],
+    /// Subscriptions ended because the app's rule raised or timed out.
+    pub authorize_failures: AtomicU64,
     /// Connections refused (bad token, limits, origin).
     pub refused_connections: AtomicU64,
     /// 1 while this relay holds the trim lock.
@@ -98,6 +125,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    pub fn reauthorized(&self, cause: RecheckCause, subscriptions: usize) {
+        self.reauthorizations[cause as usize].fetch_add(subscriptions as u64, Relaxed);
+    }
+
+    pub fn revoked(&self, cause: RecheckCause) {
+        self.revocations.fetch_add(1, Relaxed);
+        self.revocations_by_cause[cause as usize].fetch_add(1, Relaxed);
+    }
+
     /// The Prometheus text exposition. `queue_usage` is
     /// `pg_notification_queue_usage()`, read at scrape time.
     pub fn render(&self, queue_usage: Option<f64>) -> String {
@@ -136,6 +172,32 @@ impl Metrics {
                 value.load(Relaxed)
             );
         }
+        let by_cause: [(&str, &[AtomicU64; 2], &str); 2] = [
+            (
+                "revocations_total",
+                &self.revocations_by_cause,
+                "Subscriptions ended because a re-check found access revoked.",
+            ),
+            (
+                "reauthorizations_total",
+                &self.reauthorizations,
+                "Subscriptions whose authorization was asked again.",
+            ),
+        ];
+        for (name, values, help) in by_cause {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} counter"
+            );
+            for cause in RecheckCause::ALL {
+                let _ = writeln!(
+                    out,
+                    "pgrelay_{name}{{cause=\"{}\"}} {}",
+                    cause.label(),
+                    values[cause as usize].load(Relaxed)
+                );
+            }
+        }
         let counters: [(&str, &AtomicU64, &str); 15] = [
             (
                 "retention_runs_total",
@@ -148,9 +210,9 @@ impl Metrics {
                 "Events deleted from the log by this relay's trim runs.",
             ),
             (
-                "revocations_total",
-                &self.revocations,
-                "Subscriptions ended because membership was revoked.",
+                "authorize_failures_total",
+                &self.authorize_failures,
+                "Subscriptions ended because relay.authorize raised or timed out.",
             ),
             (
                 "refused_connections_total",

@@ -132,6 +132,8 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
                 bytes: config.read_bytes,
             },
             max_frames_per_second: config.max_frames_per_second,
+            reauthorize_interval: config.reauthorize_interval,
+            authorize_timeout: config.authorize_timeout,
         },
     });
     let websockets = TaskTracker::new();

@@ -189,7 +189,7 @@ impl Env {
         tokio::spawn(conn);
         admin.batch_execute("CREATE DATABASE bench").await?;
         let url = pg.url("bench");
-        pgrelay::db::schema::migrate(&url).await?;
+        pgrelay::db::schema::migrate(&url, pgrelay::db::schema::Apps::WITH_CHAT).await?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();

@@ -1,19 +1,69 @@
-//! The SQL that pgrelay installs: the `relay` engine and the `chat`
-//! reference app, as refinery migrations embedded in the binary.
+//! The SQL that pgrelay installs, as two sets of refinery migrations
+//! embedded in the binary, each with its own history table:
+//!
+//! - the `relay` engine (`migrations/relay/`, history in
+//!   `refinery_schema_history`), installed everywhere;
+//! - the `chat` reference app (`migrations/chat/`, history in
+//!   `refinery_schema_history_chat`), installed only when asked for
+//!   ([`Apps::chat`]) on an existing database, and always in the private
+//!   demo database.
 //!
 //! The same files are what a user runs with psql (`pgrelay sql`), and every
-//! statement in them is idempotent, so a database prepared by hand can later
-//! be handed to `pgrelay migrate` without conflict.
+//! statement in them is idempotent. The install SQL also records the
+//! migrations it contains in refinery's history, so a database prepared by
+//! hand and later handed to `pgrelay migrate` or `serve` is found up to
+//! date and nothing runs twice. No migration replaces an app's
+//! `relay.authorize` (G4).
 
+use std::collections::HashMap;
+
+use refinery::{Migration, Runner};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use crate::db::connect::{self, ConnectError};
 
-refinery::embed_migrations!("migrations");
+mod relay_migrations {
+    refinery::embed_migrations!("migrations/relay");
+}
+
+mod chat_migrations {
+    refinery::embed_migrations!("migrations/chat");
+}
+
+/// History table of the engine's migrations: refinery's default, which
+/// databases installed before the split already have.
+const RELAY_HISTORY: &str = "refinery_schema_history";
+/// History table of the chat app's migrations.
+const CHAT_HISTORY: &str = "refinery_schema_history_chat";
 
 /// Advisory-lock key that serialises migrations when several relay
 /// processes start against one database at once.
 const MIGRATION_LOCK: i64 = 0x7067_7265_6c61_7901; // "pgrelay" + 1
+
+/// Migrations whose text was amended after release, as (history table,
+/// version, name, checksum as released). A database that applied the
+/// released text has its history brought to the amended checksum instead
+/// of refusing to start; any other difference still stops the migration.
+///
+/// `V1__relay` was amended so that it creates `relay.authorize` only
+/// where none exists (a re-install used to replace an app's rule).
+const AMENDED: &[(&str, i32, &str, u64)] =
+    &[(RELAY_HISTORY, 1, "relay", 5_173_365_813_508_423_578)];
+
+/// Which apps to install beside the engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Apps {
+    /// The `chat` reference app (its tables, functions, rule and API).
+    pub chat: bool,
+}
+
+impl Apps {
+    /// The engine alone: what an existing database gets unless asked.
+    pub const RELAY_ONLY: Apps = Apps { chat: false };
+    /// The engine and the chat app: the private demo database.
+    pub const WITH_CHAT: Apps = Apps { chat: true };
+}
 
 /// Why the schema could not be installed.
 #[derive(Debug, thiserror::Error)]
@@ -22,51 +72,263 @@ pub enum SchemaError {
     Connect(#[from] ConnectError),
     #[error("taking the migration lock: {0}")]
     Lock(#[source] tokio_postgres::Error),
+    #[error("reading the migration history: {0}")]
+    History(#[source] tokio_postgres::Error),
+    #[error(
+        "{pending} migration(s) of {set} are pending and this role may not apply them \
+         ({source}); run `pgrelay migrate` as the role that owns the schema, then start \
+         the relay again"
+    )]
+    NotPermitted {
+        set: &'static str,
+        pending: usize,
+        #[source]
+        source: refinery::Error,
+    },
     #[error("applying migrations: {0}")]
     Migrate(#[from] refinery::Error),
 }
 
-/// The install SQL for an existing database, in order: the relay engine,
-/// then (when `with_chat`) the chat reference app.
-pub fn install_sql(with_chat: bool) -> String {
-    let mut sql = String::from(
-        "-- pgrelay install SQL; run with: psql -v ON_ERROR_STOP=1 -f this_file.sql\n",
-    );
-    sql.push_str(include_str!("../../migrations/V1__relay.sql"));
-    if with_chat {
-        sql.push_str(include_str!("../../migrations/V2__chat.sql"));
+/// One set of migrations and where its history is kept.
+struct Set {
+    name: &'static str,
+    history: &'static str,
+    runner: fn() -> Runner,
+}
+
+const RELAY: Set = Set {
+    name: "relay",
+    history: RELAY_HISTORY,
+    runner: relay_migrations::migrations::runner,
+};
+
+const CHAT: Set = Set {
+    name: "chat",
+    history: CHAT_HISTORY,
+    runner: chat_migrations::migrations::runner,
+};
+
+fn sets(apps: Apps) -> Vec<&'static Set> {
+    let mut sets = vec![&RELAY];
+    if apps.chat {
+        sets.push(&CHAT);
     }
+    sets
+}
+
+impl Set {
+    fn runner(&self) -> Runner {
+        // The engine's history of databases installed before the split
+        // also holds `V2__chat`, which is now the chat set's.
+        let mut runner = (self.runner)().set_abort_missing(self.name != RELAY.name);
+        runner.set_migration_table_name(self.history);
+        runner
+    }
+
+    fn migrations(&self) -> Vec<Migration> {
+        let mut migrations = self.runner().get_migrations().to_vec();
+        migrations.sort();
+        migrations
+    }
+}
+
+/// The install SQL for an existing database, in order: the relay engine,
+/// then the apps asked for, then the rows that record them in refinery's
+/// history tables.
+pub fn install_sql(apps: Apps) -> String {
+    let mut sql = String::from(
+        "-- pgrelay install SQL; run with: psql -v ON_ERROR_STOP=1 -f this_file.sql\n\
+         -- Generated by `pgrelay sql`. Idempotent: running it again changes nothing,\n\
+         -- and it never replaces an app's relay.authorize. One transaction: writers\n\
+         -- never see a half-installed engine.\n\
+         BEGIN;\n",
+    );
+    for set in sets(apps) {
+        for m in set.migrations() {
+            sql.push_str(&format!("\n-- ===== {} migration {m} =====\n", set.name));
+            sql.push_str(m.sql().unwrap_or_default());
+        }
+    }
+    sql.push_str("\n-- ===== migration history: `pgrelay migrate` finds these applied =====\n");
+    for set in sets(apps) {
+        sql.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS {}(version int4 PRIMARY KEY, name varchar(255), \
+             applied_on varchar(255), checksum varchar(255));\n",
+            set.history
+        ));
+        for m in set.migrations() {
+            sql.push_str(&format!(
+                "INSERT INTO {} (version, name, applied_on, checksum) VALUES \
+                 ({}, '{}', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), '{}') \
+                 ON CONFLICT (version) DO NOTHING;\n",
+                set.history,
+                m.version(),
+                m.name(),
+                m.checksum()
+            ));
+        }
+    }
+    sql.push_str("COMMIT;\n");
     sql
 }
 
-/// Applies every pending migration, holding an advisory lock so that
-/// concurrent relays do not race. Returns the names of those applied.
-pub async fn migrate(database_url: &str) -> Result<Vec<String>, SchemaError> {
+/// Applies every pending migration of the engine and of `apps`, holding an
+/// advisory lock so that concurrent relays do not race. Returns the names
+/// of those applied. Writes nothing when all is current, so a role that
+/// may only read (the relay's own) passes when the owner has migrated.
+pub async fn migrate(database_url: &str, apps: Apps) -> Result<Vec<String>, SchemaError> {
     let (mut client, connection) = connect::config(database_url, "pgrelay-migrate")?
         .connect(NoTls)
         .await
         .map_err(ConnectError::Connect)?;
     let conn_task = tokio::spawn(connection);
-    let applied = migrate_with(&mut client).await;
+    let applied = migrate_with(&mut client, apps).await;
     drop(client);
     let _ = conn_task.await;
     applied
 }
 
-async fn migrate_with(client: &mut Client) -> Result<Vec<String>, SchemaError> {
+async fn migrate_with(client: &mut Client, apps: Apps) -> Result<Vec<String>, SchemaError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(SchemaError::Lock)?;
-    let report = migrations::runner().run_async(client).await;
+    let mut applied = Vec::new();
+    let mut result = Ok(());
+    for set in sets(apps) {
+        match migrate_set(client, set).await {
+            Ok(names) => applied.extend(names),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
     // The lock is session-scoped; closing the connection releases it even
     // if this unlock is never reached.
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
         .await;
-    Ok(report?
-        .applied_migrations()
+    result.map(|()| applied)
+}
+
+async fn migrate_set(client: &mut Client, set: &Set) -> Result<Vec<String>, SchemaError> {
+    let history = read_history(client, set.history).await?;
+    let pending = set
+        .migrations()
         .iter()
-        .map(|m| m.to_string())
+        .filter(|m| !history.contains_key(&m.version()))
+        .count();
+    if pending == 0 {
+        return Ok(Vec::new());
+    }
+    for (table, version, name, released) in AMENDED {
+        let amended = set
+            .migrations()
+            .into_iter()
+            .find(|m| m.version() == *version);
+        if *table != set.history || history.get(version) != Some(&(name.to_string(), *released)) {
+            continue;
+        }
+        if let Some(m) = amended {
+            client
+                .execute(
+                    &format!("UPDATE {table} SET checksum = $1 WHERE version = $2"),
+                    &[&m.checksum().to_string(), version],
+                )
+                .await
+                .map_err(SchemaError::History)?;
+        }
+    }
+    match set.runner().run_async(client).await {
+        Ok(report) => Ok(report
+            .applied_migrations()
+            .iter()
+            .map(|m| format!("{}:{m}", set.name))
+            .collect()),
+        Err(e) if denied(&e) => Err(SchemaError::NotPermitted {
+            set: set.name,
+            pending,
+            source: e,
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applied (name, checksum) by version; empty when the table is absent.
+async fn read_history(
+    client: &Client,
+    table: &str,
+) -> Result<HashMap<i32, (String, u64)>, SchemaError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(SchemaError::History)?
+        .get(0);
+    if !exists {
+        return Ok(HashMap::new());
+    }
+    let rows = client
+        .query(&format!("SELECT version, name, checksum FROM {table}"), &[])
+        .await
+        .map_err(SchemaError::History)?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let checksum: Option<String> = r.get(2);
+            let name: Option<String> = r.get(1);
+            (
+                r.get::<_, i32>(0),
+                (
+                    name.unwrap_or_default(),
+                    checksum.and_then(|c| c.parse().ok()).unwrap_or(0),
+                ),
+            )
+        })
         .collect())
+}
+
+fn denied(e: &refinery::Error) -> bool {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(pg) = s.downcast_ref::<tokio_postgres::Error>() {
+            return pg.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE);
+        }
+        source = s.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checked_in_install_files_are_what_pgrelay_sql_prints() {
+        // Rows of the history carry the install time, so compare without it.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+        for (file, apps) in [
+            ("install.sql", Apps::RELAY_ONLY),
+            ("install-with-chat.sql", Apps::WITH_CHAT),
+        ] {
+            let path = format!("{dir}/{file}");
+            let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                on_disk == install_sql(apps),
+                "{path} is stale: regenerate it with `cargo run -- sql{}> sql/{file}`",
+                if apps.chat { " --chat " } else { " " }
+            );
+        }
+    }
+
+    #[test]
+    fn the_relay_set_never_reuses_the_legacy_chat_version() {
+        assert!(RELAY.migrations().iter().all(|m| m.version() != 2));
+        assert!(AMENDED.iter().all(|(t, v, n, _)| *t == RELAY_HISTORY
+            && RELAY
+                .migrations()
+                .iter()
+                .any(|m| m.version() == *v && m.name() == *n)));
+    }
 }

@@ -139,6 +139,14 @@ fn sql_error(e: tokio_postgres::Error) -> ApiError {
         return ApiError::unavailable();
     };
     let code = db.code();
+    if *code == SqlState::INVALID_SCHEMA_NAME {
+        // The chat app is opt-in on an existing database.
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "chat_not_installed",
+            "the chat app is not installed in this database; install it with `pgrelay migrate --chat`",
+        );
+    }
     let (status, name) = if *code == SqlState::INSUFFICIENT_PRIVILEGE {
         (StatusCode::FORBIDDEN, "forbidden")
     } else if *code == SqlState::NO_DATA_FOUND {

@@ -30,8 +30,9 @@ pub struct Frame {
     /// When the event was captured, microseconds since the epoch; for the
     /// delivery-delay histogram.
     pub captured_us: i64,
-    /// The event changes membership (a resource named in
-    /// `membership_resources`): subscribers are re-authorized after it.
+    /// The event changes membership (its resource is declared so in the
+    /// database, or named in `membership_resources`): subscribers are
+    /// re-authorized after it.
     pub membership: bool,
     /// The frame text, rendered once by `relay.render`; shared, never
     /// re-encoded, by every subscriber it is written to.
@@ -43,6 +44,14 @@ pub struct Frame {
 pub struct ScopeState {
     pub latest_seq: u64,
     pub trimmed_through: u64,
+}
+
+/// What the app's rule said of one scope: allowed or not, or why it
+/// could not say (it raised, or ran past the timeout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub scope: String,
+    pub outcome: Result<bool, String>,
 }
 
 /// Limits of one read, so memory stays bounded whatever the rows' size.
@@ -102,7 +111,8 @@ impl EventLog {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT seq, created_at, resource, frame FROM relay.frames_after($1, $2, $3, $4)",
+                "SELECT seq, created_at, resource, frame, membership \
+                 FROM relay.read_frames($1, $2, $3, $4)",
             )
             .await?;
         let rows = client
@@ -118,7 +128,7 @@ impl EventLog {
         self.metrics.log_rows.fetch_add(rows.len() as u64, Relaxed);
         Ok(rows
             .into_iter()
-            .map(|r| self.frame(r.get(0), r.get(1), r.get(2), r.get(3)))
+            .map(|r| self.frame(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
             .collect())
     }
 
@@ -134,8 +144,8 @@ impl EventLog {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT scope, seq, created_at, resource, frame \
-                 FROM relay.frames_after_many($1, $2, $3, $4)",
+                "SELECT scope, seq, created_at, resource, frame, membership \
+                 FROM relay.read_frames_many($1, $2, $3, $4)",
             )
             .await?;
         let rows = client
@@ -149,20 +159,62 @@ impl EventLog {
         Ok(rows
             .into_iter()
             .map(|r| {
-                let frame = self.frame(r.get(1), r.get(2), r.get(3), r.get(4));
+                let frame = self.frame(r.get(1), r.get(2), r.get(3), r.get(4), r.get(5));
                 (r.get::<_, String>(0), frame)
             })
             .collect())
     }
 
-    /// `relay.authorize(user, scope)`: may this user receive the scope?
-    pub async fn authorize(&self, user_id: &str, scope: &str) -> Result<bool, LogError> {
+    /// The app's rule (`relay.authorize`) for each of `scopes`, in one
+    /// round trip, through `relay.authorize_each`: a rule that raises fails
+    /// for its scope alone. Past `timeout` the statement is cancelled, its
+    /// connection is discarded (never reused while the backend may still be
+    /// busy), and every scope of the call fails.
+    pub async fn authorize_each(
+        &self,
+        user_id: &str,
+        scopes: &[String],
+        timeout: std::time::Duration,
+    ) -> Result<Vec<Verdict>, LogError> {
         let client = self.pool.get().await?;
         let stmt = client
-            .prepare_cached("SELECT relay.authorize($1, $2)")
+            .prepare_cached("SELECT scope, allowed, failure FROM relay.authorize_each($1, $2)")
             .await?;
-        let row = client.query_one(&stmt, &[&user_id, &scope]).await?;
-        Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&user_id, &scopes];
+        let query = client.query(&stmt, &params);
+        let rows = match tokio::time::timeout(timeout, query).await {
+            Ok(rows) => rows?,
+            Err(_) => {
+                let cancel = client.cancel_token();
+                // Taken out of the pool: its backend may still be running
+                // the rule, and the next borrower would wait behind it.
+                drop(deadpool_postgres::Object::take(client));
+                if let Err(e) = cancel.cancel_query(tokio_postgres::NoTls).await {
+                    tracing::debug!(error = %e, "cancelling a slow authorize failed");
+                }
+                let failure = format!("the rule took longer than {timeout:?}");
+                return Ok(scopes
+                    .iter()
+                    .map(|scope| Verdict {
+                        scope: scope.clone(),
+                        outcome: Err(failure.clone()),
+                    })
+                    .collect());
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let failure: Option<String> = r.get(2);
+                Verdict {
+                    scope: r.get(0),
+                    outcome: match failure {
+                        Some(f) => Err(f),
+                        None => Ok(r.get::<_, Option<bool>>(1).unwrap_or(false)),
+                    },
+                }
+            })
+            .collect())
     }
 
     /// `pg_notification_queue_usage()`, for `/metrics`.
@@ -182,11 +234,13 @@ impl EventLog {
         created_at: chrono::DateTime<chrono::Utc>,
         resource: &str,
         text: String,
+        declared_membership: Option<bool>,
     ) -> Frame {
         Frame {
             seq: seq.max(0) as u64,
             captured_us: created_at.timestamp_micros(),
-            membership: self.membership_resources.iter().any(|r| r == resource),
+            membership: declared_membership.unwrap_or(false)
+                || self.membership_resources.iter().any(|r| r == resource),
             bytes: Utf8Bytes::from(text),
         }
     }

@@ -41,6 +41,9 @@ pub mod code {
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const UNAUTHORIZED: &str = "unauthorized";
     pub const TOKEN_EXPIRED: &str = "token_expired";
+    /// The app's `relay.authorize` raised or ran past its timeout for this
+    /// scope: the subscription ends; others go on.
+    pub const AUTHORIZE_FAILED: &str = "authorize_failed";
 }
 
 /// Longest scope (project id) accepted, as in the SQL side.

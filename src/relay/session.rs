@@ -30,10 +30,12 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use rand::Rng;
+
 use crate::auth::{self, AuthError, Authenticator, Identity};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RecheckCause};
 use crate::relay::hub::{Hub, RingRead, Topic};
-use crate::relay::log::{EventLog, Frame, LogError, ReadLimits};
+use crate::relay::log::{EventLog, Frame, LogError, ReadLimits, Verdict};
 use crate::relay::protocol::{self, close, code, reset_reason, ClientMessage};
 
 /// Most ring frames written per subscription before the session looks at
@@ -60,6 +62,11 @@ pub struct SessionLimits {
     pub catchup_read: ReadLimits,
     /// Client frames per second (sustained); twice as many in a burst.
     pub max_frames_per_second: u32,
+    /// Every subscription is re-authorized this often (`None`: never), for
+    /// rules that read tables nobody tracks.
+    pub reauthorize_interval: Option<Duration>,
+    /// Longest one call of the app's rule may take.
+    pub authorize_timeout: Duration,
 }
 
 struct Subscription {
@@ -307,6 +314,16 @@ impl Session {
         let mut expires_at = self.identity.expires_at;
         let expiry = tokio::time::sleep_until(self.expiry());
         tokio::pin!(expiry);
+        // The safety net of G4. The first check falls at a random point of
+        // the first period, so sessions that connected together (after a
+        // relay restart) do not all ask the database at once; after it,
+        // every period.
+        let mut reauthorize = limits.reauthorize_interval.map(|period| {
+            let first = period.mul_f64(rand::rng().random_range(0.0..1.0));
+            let mut timer = tokio::time::interval_at(Instant::now() + first, period);
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            timer
+        });
         loop {
             if self.identity.expires_at != expires_at {
                 // Refreshed by {"action":"auth"}.
@@ -354,6 +371,11 @@ impl Session {
                         return end;
                     }
                     unanswered_since.get_or_insert_with(Instant::now);
+                }
+                _ = tick_opt(&mut reauthorize) => {
+                    if let Err(end) = self.reauthorize_all(out).await {
+                        return end;
+                    }
                 }
                 _ = self.wake.notified() => {
                     let pumped = tokio::select! {
@@ -507,25 +529,27 @@ impl Session {
         let checked = async {
             let _permit = self.ctx.backfills.acquire().await;
             let state = self.ctx.log.scope_state(&scope).await?;
-            let allowed = self
-                .ctx
-                .log
-                .authorize(&self.identity.user_id, &scope)
-                .await?;
-            Ok::<_, LogError>(allowed.then_some(state))
+            let verdict = self.authorize(std::slice::from_ref(&scope)).await?;
+            Ok::<_, LogError>((state, verdict))
         }
         .await;
         let state = match checked {
-            Ok(Some(state)) => state,
-            Ok(None) => {
-                // Refused now: whatever was allowed before ends too.
-                if let Some(old) = self.subs.remove(&scope) {
-                    self.drop_subscription(old);
+            Ok((state, verdicts)) => match outcome_for(&verdicts, &scope) {
+                Ok(true) => state,
+                Ok(false) => {
+                    // Refused now: whatever was allowed before ends too.
+                    if let Some(old) = self.subs.remove(&scope) {
+                        self.drop_subscription(old);
+                    }
+                    self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+                    let frame = error(code::FORBIDDEN, "not a member of this project");
+                    return out.text(frame).await;
                 }
-                self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
-                let frame = error(code::FORBIDDEN, "not a member of this project");
-                return out.text(frame).await;
-            }
+                Err(failure) => {
+                    self.end_for_failed_rule(&scope, &failure, out).await?;
+                    return out.flush().await;
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "subscribe could not reach the database");
                 let frame = error(code::UNAVAILABLE, "database unavailable; retry shortly");
@@ -573,6 +597,119 @@ impl Session {
         Ok(())
     }
 
+    /// Asks the app's rule about `scopes` for this session's user.
+    async fn authorize(&self, scopes: &[String]) -> Result<Vec<Verdict>, LogError> {
+        self.ctx
+            .log
+            .authorize_each(
+                &self.identity.user_id,
+                scopes,
+                self.ctx.limits.authorize_timeout,
+            )
+            .await
+    }
+
+    /// The scheduled re-check of every subscription (G4's safety net for
+    /// rules that read tables nobody tracks): one query for all of this
+    /// session's scopes. A database error changes nothing; the next period
+    /// tries again.
+    async fn reauthorize_all<S>(&mut self, out: &mut Out<S>) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.subs.is_empty() {
+            return Ok(());
+        }
+        let scopes: Vec<String> = self.subs.keys().cloned().collect();
+        self.ctx
+            .metrics
+            .reauthorized(RecheckCause::Schedule, scopes.len());
+        let verdicts = {
+            let _permit = self.ctx.backfills.acquire().await;
+            self.authorize(&scopes).await
+        };
+        let verdicts = match verdicts {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduled re-authorization could not reach the database");
+                return Ok(());
+            }
+        };
+        for scope in &scopes {
+            let outcome = outcome_for(&verdicts, scope);
+            self.apply_verdict(scope, outcome, RecheckCause::Schedule, out)
+                .await?;
+        }
+        out.flush().await
+    }
+
+    /// Acts on a re-check: keeps the subscription (true), or ends it with
+    /// the frame that says why (false).
+    async fn apply_verdict<S>(
+        &mut self,
+        scope: &str,
+        outcome: Result<bool, String>,
+        cause: RecheckCause,
+        out: &mut Out<S>,
+    ) -> Result<bool, End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        match outcome {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                if let Some(sub) = self.subs.remove(scope) {
+                    self.drop_subscription(sub);
+                }
+                self.ctx.metrics.revoked(cause);
+                let frame = protocol::error_frame(
+                    code::FORBIDDEN,
+                    "membership revoked; this subscription has ended",
+                    Some("subscribe"),
+                    Some(scope),
+                );
+                out.feed(text(frame)).await?;
+                Ok(false)
+            }
+            Err(failure) => {
+                self.end_for_failed_rule(scope, &failure, out).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// The app's rule raised or ran too long for this user and scope: that
+    /// subscription ends (G4: a failing rule stays local); nothing else
+    /// does. The rule's own message is logged, not sent: it may name
+    /// tables or data the client should not see.
+    async fn end_for_failed_rule<S>(
+        &mut self,
+        scope: &str,
+        failure: &str,
+        out: &mut Out<S>,
+    ) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if let Some(sub) = self.subs.remove(scope) {
+            self.drop_subscription(sub);
+        }
+        self.ctx.metrics.authorize_failures.fetch_add(1, Relaxed);
+        tracing::warn!(
+            user = %self.identity.user_id,
+            scope,
+            failure,
+            "relay.authorize failed; this subscription has ended"
+        );
+        let frame = protocol::error_frame(
+            code::AUTHORIZE_FAILED,
+            "the authorization rule failed for this project; this subscription has ended",
+            Some("subscribe"),
+            Some(scope),
+        );
+        out.feed(text(frame)).await
+    }
+
     /// Writes what each subscription has pending, a bounded amount each,
     /// then flushes once. Rings itself again when more is left.
     async fn pump<S>(&mut self, out: &mut Out<S>) -> Result<(), End>
@@ -597,35 +734,30 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let ctx = self.ctx.clone();
-        let Some(sub) = self.subs.get_mut(scope) else {
+        let Some(recheck) = self.subs.get(scope).map(|sub| sub.recheck) else {
             return Ok(false);
         };
-        if sub.recheck {
+        if recheck {
             // A membership event was the last thing sent: nothing more of
             // this scope goes out until the database says the user may
             // still read it (G4). On a database error, wait, never assume.
             if self.retry_at.is_some() {
                 return Ok(false);
             }
-            let verdict = {
+            ctx.metrics.reauthorized(RecheckCause::MembershipEvent, 1);
+            let verdicts = {
                 let _permit = ctx.backfills.acquire().await;
-                ctx.log.authorize(&self.identity.user_id, scope).await
+                self.authorize(&[scope.to_string()]).await
             };
-            match verdict {
-                Ok(true) => sub.recheck = false,
-                Ok(false) => {
-                    if let Some(sub) = self.subs.remove(scope) {
-                        self.drop_subscription(sub);
+            match verdicts {
+                Ok(verdicts) => {
+                    let outcome = outcome_for(&verdicts, scope);
+                    if !self
+                        .apply_verdict(scope, outcome, RecheckCause::MembershipEvent, out)
+                        .await?
+                    {
+                        return Ok(false);
                     }
-                    self.ctx.metrics.revocations.fetch_add(1, Relaxed);
-                    let frame = protocol::error_frame(
-                        code::FORBIDDEN,
-                        "membership revoked; this subscription has ended",
-                        Some("subscribe"),
-                        Some(scope),
-                    );
-                    out.feed(text(frame)).await?;
-                    return Ok(false);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "re-authorizing a subscription failed; retrying");
@@ -633,7 +765,13 @@ impl Session {
                     return Ok(false);
                 }
             }
+            if let Some(sub) = self.subs.get_mut(scope) {
+                sub.recheck = false;
+            }
         }
+        let Some(sub) = self.subs.get_mut(scope) else {
+            return Ok(false);
+        };
         match sub.topic.read_after(sub.cursor, PUMP_BATCH) {
             RingRead::UpToDate => {
                 set_catching_up(sub, false, &ctx.metrics);
@@ -770,6 +908,26 @@ where
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The outcome for `scope` among `verdicts`; a scope the database did not
+/// answer for is a failure, never an allowance.
+fn outcome_for(verdicts: &[Verdict], scope: &str) -> Result<bool, String> {
+    verdicts
+        .iter()
+        .find(|v| v.scope == scope)
+        .map(|v| v.outcome.clone())
+        .unwrap_or_else(|| Err("no verdict for this scope".into()))
+}
+
+/// Ticks `timer`, or never when there is none.
+async fn tick_opt(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(t) => {
+            t.tick().await;
+        }
         None => std::future::pending().await,
     }
 }

@@ -61,7 +61,7 @@ impl TestServer {
                     .expect("creating the template database");
                 drop(client);
                 let _ = conn.await;
-                schema::migrate(&template)
+                schema::migrate(&template, schema::Apps::WITH_CHAT)
                     .await
                     .expect("migrating the template");
             });

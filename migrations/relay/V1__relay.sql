@@ -389,14 +389,20 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Membership: may this user receive this scope's events? The relay asks on
--- every subscribe and again when a membership event arrives. Apps replace
--- this function with their own rules (CREATE OR REPLACE FUNCTION). The
--- engine alone denies everyone; the chat schema installs a default that
--- reads chat.project_members.
-CREATE OR REPLACE FUNCTION relay.authorize(user_id text, scope text) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT false
-$$;
+-- every subscribe, after every membership event and on a schedule. The rule
+-- is the app's (G4): apps replace this function with their own
+-- (CREATE OR REPLACE FUNCTION), so it is created here only where none
+-- exists, and no install, re-install or migration ever replaces it. The
+-- engine's own rule denies everyone; the chat app installs its rule only
+-- over this one (migrations/chat).
+DO $install_authorize$
+BEGIN
+    IF to_regprocedure('relay.authorize(text,text)') IS NULL THEN
+        CREATE FUNCTION relay.authorize(user_id text, scope text) RETURNS boolean
+        LANGUAGE sql STABLE AS $rule$ SELECT false /* pgrelay default rule: denies everyone */ $rule$;
+    END IF;
+END
+$install_authorize$;
 
 -- Deletes up to p_batch old events and returns how many it deleted; call it
 -- until it returns 0 (the relay does, from one process at a time). Never

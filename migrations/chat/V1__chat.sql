@@ -12,7 +12,11 @@
 --   PR409                          version conflict on edit or delete (409)
 --   22023 invalid_parameter_value  bad argument (limit, empty body...) (400)
 --
--- Idempotent like V1__relay.sql.
+-- Idempotent like the relay migrations, and applied after them (it uses
+-- relay.enable). On an existing database it is opt-in: `pgrelay migrate
+-- --chat`, `pgrelay sql --chat`. It has its own migration history
+-- (refinery_schema_history_chat), so installing or skipping it never
+-- touches the engine's.
 
 CREATE SCHEMA IF NOT EXISTS chat;
 
@@ -85,15 +89,54 @@ ALTER TABLE chat.messages ENABLE ALWAYS TRIGGER messages_assign_seq;
 
 -- Capture: every change to these tables, by any writer, is an event.
 SELECT relay.enable('chat.projects', 'project', 'id', 'id');
-SELECT relay.enable('chat.project_members', 'project_member', 'project_id', 'user_id');
+-- Its rows grant membership: after each of their events the relay
+-- re-checks the scope's subscribers (G4).
+SELECT relay.enable('chat.project_members', 'project_member', 'project_id', 'user_id',
+                    p_grants_membership => true);
 SELECT relay.enable('chat.messages', 'message', 'project_id', 'id');
 
--- The default membership rule for the relay: members of the project.
-CREATE OR REPLACE FUNCTION relay.authorize(user_id text, scope text) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+-- The chat app's membership rule: members of the project. SECURITY
+-- DEFINER, so the relay's role needs no grant on chat tables to ask it.
+CREATE OR REPLACE FUNCTION chat.authorize(user_id text, scope text) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (SELECT 1 FROM chat.project_members m
                    WHERE m.project_id = authorize.scope AND m.user_id = authorize.user_id)
 $$;
+
+-- relay.authorize is the app's (G4): the chat rule takes its place only
+-- where it is still the engine's deny-all default (or the chat rule of an
+-- earlier version). An app with a rule of its own keeps it, and may call
+-- chat.authorize from it.
+DO $install_chat_rule$
+DECLARE
+    v_body text;
+BEGIN
+    SELECT regexp_replace(btrim(p.prosrc), '\s+', ' ', 'g') INTO v_body
+    FROM pg_proc p WHERE p.oid = to_regprocedure('relay.authorize(text,text)');
+    IF v_body IS NULL
+       OR v_body LIKE '%pgrelay default rule%'
+       OR v_body = 'SELECT false'
+       OR v_body = 'SELECT EXISTS (SELECT 1 FROM chat.project_members m WHERE m.project_id = authorize.scope AND m.user_id = authorize.user_id)'
+    THEN
+        CREATE OR REPLACE FUNCTION relay.authorize(user_id text, scope text) RETURNS boolean
+        LANGUAGE sql STABLE AS $rule$ SELECT chat.authorize(user_id, scope) /* pgrelay chat rule */ $rule$;
+    END IF;
+END
+$install_chat_rule$;
+
+-- Grants what the relay's `/v1` API needs to call the chat functions.
+CREATE OR REPLACE FUNCTION chat.grant_api(p_role regrole) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA chat TO %s', p_role);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA chat TO %s', p_role);
+    EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA chat TO %s', p_role);
+    IF to_regclass('refinery_schema_history_chat') IS NOT NULL THEN
+        EXECUTE format('GRANT SELECT ON refinery_schema_history_chat TO %s', p_role);
+    END IF;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION chat.grant_api(regrole) FROM PUBLIC;
 
 -- Checks that p_user is a member of p_project and locks the membership row
 -- (FOR KEY SHARE) until the caller's transaction ends, so a concurrent
