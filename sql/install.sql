@@ -481,6 +481,18 @@ CREATE TABLE IF NOT EXISTS relay.membership_resources (
     declared_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Databases that got the chat app from an earlier version relied on the
+-- relay's default setting for project_member events; the database now says
+-- so itself, whether or not the chat migration runs again.
+DO $declare_legacy_chat$
+BEGIN
+    IF to_regclass('chat.project_members') IS NOT NULL THEN
+        INSERT INTO relay.membership_resources (resource) VALUES ('project_member')
+        ON CONFLICT (resource) DO NOTHING;
+    END IF;
+END
+$declare_legacy_chat$;
+
 -- The event log, the counters and the horizon belong to the owner alone.
 REVOKE ALL ON relay.events, relay.scope_counter, relay.trim_horizon,
               relay.membership_resources FROM PUBLIC;
@@ -665,5 +677,5 @@ REVOKE EXECUTE ON FUNCTION relay.grant_publisher(regrole) FROM PUBLIC;
 -- ===== migration history: `pgrelay migrate` finds these applied =====
 CREATE TABLE IF NOT EXISTS refinery_schema_history(version int4 PRIMARY KEY, name varchar(255), applied_on varchar(255), checksum varchar(255));
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (1, 'relay', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '12795596339582729008') ON CONFLICT (version) DO NOTHING;
-INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (3, 'any_writer', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '4863168417203524922') ON CONFLICT (version) DO NOTHING;
+INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (3, 'any_writer', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '7877633024837939909') ON CONFLICT (version) DO NOTHING;
 COMMIT;

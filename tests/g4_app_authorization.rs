@@ -323,3 +323,81 @@ async fn a_rule_that_raises_or_hangs_for_one_user_ends_only_that_subscription() 
     println!("ann received 21 events in {ann_took:?} while eve's rule raised and slow's hung");
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_migrated_by_release_0_1_upgrades_in_place() {
+    let url = empty_database("released_0_1").await;
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/released-0.1");
+    // What `pgrelay migrate` of 0.1 left: both files applied, both in
+    // refinery's default history with the checksums 0.1 computed.
+    psql(&url, &["-f", &format!("{fixtures}/V1__relay.sql")]);
+    psql(&url, &["-f", &format!("{fixtures}/V2__chat.sql")]);
+    psql(
+        &url,
+        &[
+            "-c",
+            "CREATE TABLE refinery_schema_history (version int4 PRIMARY KEY, name varchar(255),
+                 applied_on varchar(255), checksum varchar(255));
+             INSERT INTO refinery_schema_history VALUES
+                 (1, 'relay', '2026-11-30T10:00:00Z', '5173365813508423578'),
+                 (2, 'chat', '2026-11-30T10:00:00Z', '15705922035601939919');
+             INSERT INTO chat.projects (id, name) VALUES ('p', 'p');
+             INSERT INTO chat.project_members (project_id, user_id) VALUES ('p', 'ann'), ('p', 'bob');",
+        ],
+    );
+    let migrate = |chat: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+        cmd.arg("migrate").env("DATABASE_URL", &url);
+        if chat {
+            cmd.arg("--chat");
+        }
+        let out = cmd.output().expect("running pgrelay migrate");
+        assert!(
+            out.status.success(),
+            "pgrelay migrate (chat: {chat}) failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    migrate(false);
+    let state = psql(
+        &url,
+        &[
+            "-tA",
+            "-c",
+            "SELECT (SELECT string_agg(version || ':' || name, ',' ORDER BY version) FROM refinery_schema_history),
+                    EXISTS (SELECT 1 FROM relay.membership_resources WHERE resource = 'project_member'),
+                    relay.authorize('ann', 'p'), relay.authorize('eve', 'p')",
+        ],
+    );
+    assert_eq!(
+        state.trim(),
+        "1:relay,2:chat,3:any_writer|t|t|f",
+        "the engine upgraded, chat's membership declared, the rule as it was"
+    );
+    migrate(true);
+    migrate(true);
+
+    let relay = RelayProcess::start(&url, &[]).await;
+    let writer = common::connect(&url).await.0;
+    let mut bob = WsClient::connect(relay.addr, "bob").await;
+    let at = bob.subscribe("p", None).await["seq"].as_u64().expect("seq");
+    writer
+        .batch_execute(
+            "DELETE FROM chat.project_members WHERE project_id = 'p' AND user_id = 'bob';
+             INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('p', 'ann', 'after');",
+        )
+        .await
+        .expect("removing bob, then a message");
+    let mut saw = Vec::new();
+    while let Some(f) = bob.try_next_json(Duration::from_secs(2)).await {
+        saw.push(f);
+    }
+    assert!(
+        saw.iter().any(|f| f["code"] == "forbidden"),
+        "bob's subscription ended at his removal: {saw:?}"
+    );
+    assert!(
+        !saw.iter().any(|f| f["seq"].as_u64() == Some(at + 2)),
+        "bob received the message after his removal: {saw:?}"
+    );
+}

@@ -22,6 +22,18 @@ CREATE TABLE IF NOT EXISTS relay.membership_resources (
     declared_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Databases that got the chat app from an earlier version relied on the
+-- relay's default setting for project_member events; the database now says
+-- so itself, whether or not the chat migration runs again.
+DO $declare_legacy_chat$
+BEGIN
+    IF to_regclass('chat.project_members') IS NOT NULL THEN
+        INSERT INTO relay.membership_resources (resource) VALUES ('project_member')
+        ON CONFLICT (resource) DO NOTHING;
+    END IF;
+END
+$declare_legacy_chat$;
+
 -- The event log, the counters and the horizon belong to the owner alone.
 REVOKE ALL ON relay.events, relay.scope_counter, relay.trim_horizon,
               relay.membership_resources FROM PUBLIC;
