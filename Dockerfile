@@ -5,7 +5,7 @@
 #   docker build -t pgrelay .
 #   docker run --rm -p 127.0.0.1:8080:8080 \
 #       -e DATABASE_URL=postgresql://USER:PASS@HOST:5432/DB \
-#       -e PGRELAY_JWT_SECRET=change-me pgrelay
+#       -e PGRELAY_JWT_SECRET=change-me-to-a-long-secret pgrelay   # >= 16 bytes
 #
 # Or use docker-compose.yml, which also runs Postgres: docker compose up --build
 #

@@ -8,7 +8,7 @@
 
 use serde_json::{json, Value};
 
-/// Close codes; part of the protocol, documented in the README.
+/// Close codes; part of the protocol, documented in `docs/protocol.md`.
 pub mod close {
     /// The relay is shutting down: reconnect and resume with `since_seq`.
     pub const GOING_AWAY: u16 = 1001;
