@@ -144,7 +144,9 @@ export class Client extends Emitter {
     };
     ws.onmessage = (ev) => this._onMessage(ws, ev.data);
     ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
-    ws.onerror = () => {}; // a close event follows
+    // Browsers follow an error with a close event; Node 20's WebSocket does
+    // not when the connection fails, so the error ends the socket here.
+    ws.onerror = () => this._lost(ws, Close.ABNORMAL, "socket error");
   }
 
   /** The socket `ws` is gone (closed by either side, or given up on). */
@@ -180,7 +182,7 @@ export class Client extends Emitter {
       clearTimeout(this._timers[t]);
       this._timers[t] = null;
     }
-    ws.onopen = ws.onmessage = ws.onclose = null;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     try {
       ws.close(code);
     } catch {
