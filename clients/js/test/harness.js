@@ -12,6 +12,10 @@ import { promisify } from "node:util";
 import { fileURLToPath } from "node:url";
 
 const run = promisify(execFile);
+
+// Node 20 has a WebSocket with --experimental-websocket (22 without); older
+// ones get the `ws` package's, which the SDK accepts as well.
+if (typeof globalThis.WebSocket !== "function") globalThis.WebSocket = (await import("ws")).WebSocket;
 const here = fileURLToPath(new URL(".", import.meta.url));
 export const SECRET = "js-test-secret-of-enough-bytes";
 
@@ -196,7 +200,7 @@ export class Relay {
   }
 
   async boot() {
-    const child = spawn(relayBinary(), ["serve", "--listen", `127.0.0.1:${this.port}`, "--no-retention", ...this.args], {
+    const child = spawn(relayBinary(), ["serve", "--listen", `127.0.0.1:${this.port}`, "--no-retention", "--chat", ...this.args], {
       env: { ...process.env, DATABASE_URL: this.databaseUrl, PGRELAY_JWT_SECRET: SECRET, RUST_LOG: "warn", NO_COLOR: "1", ...this.env },
       stdio: ["ignore", "ignore", "pipe"],
     });
