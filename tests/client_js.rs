@@ -17,12 +17,15 @@ fn package_dir() -> PathBuf {
 
 /// Node's major version, or a panic saying how to install it.
 fn node_major() -> u32 {
-    let out = Command::new("node").arg("--version").output().unwrap_or_else(|e| {
-        panic!(
-            "the JavaScript SDK's tests need Node.js 18 or newer (20 recommended), and `node` \
+    let out = Command::new("node")
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the JavaScript SDK's tests need Node.js 18 or newer (20 recommended), and `node` \
              could not be run ({e}): apt-get install -y nodejs npm, then `npm ci` in clients/js"
-        )
-    });
+            )
+        });
     let version = String::from_utf8_lossy(&out.stdout);
     version
         .trim()
@@ -106,7 +109,9 @@ fn javascript_sdk_suites_pass_against_the_relay_binary() {
         out.status
     );
     assert!(
-        summary.iter().any(|l| l.starts_with("# pass") && l != &"# pass 0"),
+        summary
+            .iter()
+            .any(|l| l.starts_with("# pass") && l != &"# pass 0"),
         "node --test ran no test:\n{stdout}"
     );
 }

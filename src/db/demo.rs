@@ -103,7 +103,10 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let none_a = signing_secret(None).expect("a secret");
         let none_b = signing_secret(None).expect("a secret");
-        assert_ne!(none_a, none_b, "without a data directory each start has its own");
+        assert_ne!(
+            none_a, none_b,
+            "without a data directory each start has its own"
+        );
     }
 
     #[test]

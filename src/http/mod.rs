@@ -70,8 +70,11 @@ pub async fn handle(
         (&Method::GET, "/healthz") => healthz(&state),
         (&Method::GET, "/") => demo::page(),
         (&Method::GET, "/client.js") => sdk::entry(),
-        (&Method::GET, path) if path.starts_with("/client/") => sdk::module(&path["/client/".len()..])
-            .unwrap_or_else(|| json_error(StatusCode::NOT_FOUND, "not_found", "no such SDK module")),
+        (&Method::GET, path) if path.starts_with("/client/") => {
+            sdk::module(&path["/client/".len()..]).unwrap_or_else(|| {
+                json_error(StatusCode::NOT_FOUND, "not_found", "no such SDK module")
+            })
+        }
         (&Method::GET, "/metrics") => metrics(&state).await,
         (_, "/ws" | "/healthz" | "/metrics") => {
             let mut r = json_error(

@@ -14,23 +14,42 @@ use hyper::Response;
 use crate::http::response::Body;
 
 /// What `/client.js` answers: the package's entry point, one level down.
-const ENTRY: &str = "// pgrelay client SDK: see clients/js/README.md\nexport * from \"./client/index.js\";\n";
+const ENTRY: &str =
+    "// pgrelay client SDK: see clients/js/README.md\nexport * from \"./client/index.js\";\n";
 
 /// Every module of the SDK, by file name. A unit test checks this list
 /// against the package's directory.
 pub const FILES: &[(&str, &str)] = &[
     ("index.js", include_str!("../../clients/js/src/index.js")),
     ("api.js", include_str!("../../clients/js/src/api.js")),
-    ("backoff.js", include_str!("../../clients/js/src/backoff.js")),
+    (
+        "backoff.js",
+        include_str!("../../clients/js/src/backoff.js"),
+    ),
     ("codes.js", include_str!("../../clients/js/src/codes.js")),
-    ("collection.js", include_str!("../../clients/js/src/collection.js")),
-    ("connection.js", include_str!("../../clients/js/src/connection.js")),
+    (
+        "collection.js",
+        include_str!("../../clients/js/src/collection.js"),
+    ),
+    (
+        "connection.js",
+        include_str!("../../clients/js/src/connection.js"),
+    ),
     ("cursor.js", include_str!("../../clients/js/src/cursor.js")),
-    ("emitter.js", include_str!("../../clients/js/src/emitter.js")),
+    (
+        "emitter.js",
+        include_str!("../../clients/js/src/emitter.js"),
+    ),
     ("errors.js", include_str!("../../clients/js/src/errors.js")),
-    ("invalidate.js", include_str!("../../clients/js/src/invalidate.js")),
+    (
+        "invalidate.js",
+        include_str!("../../clients/js/src/invalidate.js"),
+    ),
     ("outbox.js", include_str!("../../clients/js/src/outbox.js")),
-    ("subscription.js", include_str!("../../clients/js/src/subscription.js")),
+    (
+        "subscription.js",
+        include_str!("../../clients/js/src/subscription.js"),
+    ),
     ("tokens.js", include_str!("../../clients/js/src/tokens.js")),
 ];
 
@@ -77,7 +96,10 @@ mod tests {
         on_disk.sort();
         let mut served: Vec<String> = FILES.iter().map(|(f, _)| f.to_string()).collect();
         served.sort();
-        assert_eq!(on_disk, served, "add new SDK files to FILES in src/http/sdk.rs");
+        assert_eq!(
+            on_disk, served,
+            "add new SDK files to FILES in src/http/sdk.rs"
+        );
         for (file, source) in FILES {
             let disk = std::fs::read_to_string(dir.join(file)).expect("reading a module");
             assert_eq!(&disk, source, "{file} differs from what is embedded");
