@@ -6,7 +6,7 @@
 import { test, before, after, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
-import { Client, ChatApi, Outbox, collection, AuthError, ConnectionError } from "../src/index.js";
+import { Client, ChatApi, Outbox, collection, invalidateOn, AuthError, ConnectionError } from "../src/index.js";
 import { Postgres, Relay, Proxy, seed, token, until, sleep, insertLoop, tally, output, freePort } from "./harness.js";
 
 let pg;
@@ -124,6 +124,13 @@ test("reset after trimming: the collection reloads and ends equal to the databas
   const messages = collection(client, "p", "message", { load: () => api.recentMessages("p", 500), sort: (a, b) => a.seq - b.seq });
   const resets = [];
   messages.on("reset", (r) => resets.push(r.reason));
+  // The query-cache helper on the same subscription: one call per message
+  // event, and every handler with null on the reset.
+  const invalidated = { message: 0, all: 0, nulls: 0 };
+  invalidateOn(client.subscribe("p"), {
+    message: (e) => (e ? invalidated.message++ : invalidated.nulls++),
+    "*": (e) => (e ? invalidated.all++ : invalidated.nulls++),
+  });
   await insertLoop(pg, db, "p", "bob", 20, 0, "before");
   await messages.ready;
   await until(() => messages.size === 20, "the first 20 messages");
@@ -136,8 +143,10 @@ test("reset after trimming: the collection reloads and ends equal to the databas
   const rows = async () => (await pg.psql(db, "SELECT id || ':' || version FROM chat.messages WHERE project_id = 'p' ORDER BY seq"));
   const expected = await rows();
   await until(() => !messages.loading && messages.values().map((m) => `${m.id}:${m.version}`).join() === expected.join(), "the collection to equal the database");
-  results.resetAfterTrim = { resets, rows: expected.length, collection: messages.size };
+  results.resetAfterTrim = { resets, rows: expected.length, collection: messages.size, invalidated };
   assert.deepEqual(resets, ["history_trimmed"]);
+  assert.equal(invalidated.message, 20, "one invalidation per message event before the gap");
+  assert.equal(invalidated.nulls, 2, "both handlers on the reset");
   client.close();
   proxy.close();
   await relay.stop();
