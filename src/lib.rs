@@ -29,7 +29,8 @@
 //!     codes.
 //! - [`http`]: the edges. The router and accept loop, [`http::websocket`]
 //!   (the `/ws` handshake), [`http::api`] (the chat API under `/v1`),
-//!   [`http::demo`] (the page at `/`), and the helpers every route shares
+//!   [`http::demo`] (the page at `/`), [`http::sdk`] (the JavaScript client
+//!   SDK of `clients/js` at `/client.js`), and the helpers every route shares
 //!   ([`http::request`], [`http::response`]).
 //! - Beside the path: [`auth`] (token verification, nothing of HTTP),
 //!   [`config`] (every setting), [`metrics`] (counters for `/metrics`),

@@ -141,7 +141,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                  is required with DATABASE_URL: it is what client tokens are checked with"
             );
         }
-        secret = Some(random_secret());
+        // Kept with the data when there is a data directory, so printed
+        // tokens and open demo pages survive a restart.
+        let dir = args.data_dir.as_deref();
+        secret = Some(demo::signing_secret(dir).with_context(|| match dir {
+            Some(dir) => format!(
+                "the demo token secret in {}",
+                dir.join(demo::SECRET_FILE).display()
+            ),
+            None => "making the demo token secret".to_string(),
+        })?);
     }
     let socket = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -168,15 +177,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     relay.shutdown().await;
     Ok(())
-}
-
-/// A secret for the private demo mode, which has no configuration.
-fn random_secret() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    (0..32)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
 }
 
 async fn create_database(admin_url: &str, name: &str) -> anyhow::Result<()> {

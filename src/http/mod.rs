@@ -1,7 +1,8 @@
 //! The edges: one router for `GET /ws` (the WebSocket upgrade, in
 //! [`websocket`]), `GET /healthz` (ready only while LISTENing), `GET
-//! /metrics` (Prometheus text), the demo page at `/` ([`demo`]) and the
-//! chat API under `/v1` ([`api`]); and the accept loop that serves them.
+//! /metrics` (Prometheus text), the demo page at `/` ([`demo`]), the
+//! JavaScript client SDK at `/client.js` ([`sdk`]) and the chat API under
+//! `/v1` ([`api`]); and the accept loop that serves them.
 //! Every error is a JSON body with a status ([`response`]), never an empty
 //! reply.
 
@@ -9,6 +10,7 @@ pub mod api;
 pub mod demo;
 pub mod request;
 pub mod response;
+pub mod sdk;
 pub mod websocket;
 
 use std::collections::HashMap;
@@ -67,6 +69,12 @@ pub async fn handle(
         (&Method::GET, "/ws") => websocket::upgrade(req, &state),
         (&Method::GET, "/healthz") => healthz(&state),
         (&Method::GET, "/") => demo::page(),
+        (&Method::GET, "/client.js") => sdk::entry(),
+        (&Method::GET, path) if path.starts_with("/client/") => {
+            sdk::module(&path["/client/".len()..]).unwrap_or_else(|| {
+                json_error(StatusCode::NOT_FOUND, "not_found", "no such SDK module")
+            })
+        }
         (&Method::GET, "/metrics") => metrics(&state).await,
         (_, "/ws" | "/healthz" | "/metrics") => {
             let mut r = json_error(

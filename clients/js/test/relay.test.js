@@ -1,0 +1,329 @@
+// The SDK in Node against the real relay binary and a private Postgres:
+// exactly once in order across forced disconnects and relay restarts,
+// reset after trimming, backoff bounds and the stop on fatal codes, token
+// refresh, outbox retries and the lack of them.
+
+import { test, before, after, afterEach } from "node:test";
+import assert from "node:assert/strict";
+import { mkdirSync } from "node:fs";
+import { Client, ChatApi, Outbox, collection, invalidateOn, AuthError, ConnectionError } from "../src/index.js";
+import { Postgres, Relay, Proxy, seed, token, until, sleep, insertLoop, tally, output, freePort } from "./harness.js";
+
+let pg;
+const results = {};
+let dbCount = 0;
+
+before(async () => {
+  mkdirSync(new URL("../test-output", import.meta.url), { recursive: true });
+  pg = await Postgres.start();
+});
+
+/** Clients, proxies, outboxes and relays a test opened: closed after it, pass or fail. */
+const opened = [];
+const track = (x) => (opened.push(x), x);
+afterEach(async () => {
+  for (const x of opened.splice(0).reverse()) {
+    if (x instanceof Relay) await x.stop();
+    else if (x instanceof Outbox) x.stop();
+    else x.close();
+  }
+});
+
+after(async () => {
+  output("node-results.json", JSON.stringify(results, null, 2) + "\n");
+  await pg?.close();
+});
+
+/** A fresh database, a relay on it (migrated), the project `p` with alice and bob. */
+async function setup(relayOpts = {}) {
+  const name = `t${++dbCount}`;
+  await pg.psql("postgres", `CREATE DATABASE ${name}`);
+  const relay = track(await Relay.start(pg.url(name), relayOpts));
+  await seed(pg, name, "p", ["alice", "bob"]);
+  return { db: name, relay };
+}
+
+/** Records message INSERTs and every event seq the app receives. */
+function record(sub) {
+  const r = { ids: [], seqs: [] };
+  sub.on("event", (e) => {
+    r.seqs.push(e.seq);
+    if (e.resource === "message" && e.action === "INSERT") r.ids.push(e.data.id);
+  });
+  return r;
+}
+
+async function messageIds(db) {
+  return pg.psql(db, "SELECT id FROM chat.messages WHERE project_id = 'p' ORDER BY seq");
+}
+
+function contiguous(seqs) {
+  return seqs.every((s, i) => i === 0 || s === seqs[i - 1] + 1);
+}
+
+const quick = { backoff: { min: 50, max: 300 }, pingInterval: 2_000, pingTimeout: 2_000 };
+
+test("exactly once, in order, across forced disconnects", async () => {
+  const { db, relay } = await setup();
+  const proxy = track(await Proxy.start(relay.port));
+  const client = track(new Client({ url: proxy.ws, token: () => token("alice"), ...quick }));
+  const sub = client.subscribe("p");
+  const got = record(sub);
+  await sub.ready();
+  const writing = insertLoop(pg, db, "p", "bob", 600, 4);
+  let done = false;
+  void writing.finally(() => (done = true));
+  while (!done) {
+    await sleep(300);
+    proxy.cut();
+  }
+  const expected = await messageIds(db);
+  await until(() => got.ids.length >= expected.length, "every message");
+  await sleep(300); // room for a late duplicate to show
+  const t = tally(expected, got.ids);
+  results.forcedDisconnects = { ...t, cuts: proxy.cuts, sockets: client.stats.sockets, sdk: sub.stats };
+  assert.deepEqual(got.ids, expected);
+  assert.ok(contiguous(got.seqs), "event seqs contiguous");
+  assert.ok(proxy.cuts >= 5, `only ${proxy.cuts} cuts`);
+  client.close();
+  proxy.close();
+  await relay.stop();
+});
+
+test("exactly once, in order, across relay restarts (1001 and a crash)", async () => {
+  const { db, relay } = await setup();
+  const client = track(new Client({ url: relay.ws, token: () => token("alice"), ...quick }));
+  const sub = client.subscribe("p");
+  const got = record(sub);
+  await sub.ready();
+  const closes = [];
+  client.on("reconnecting", (r) => closes.push(r.code));
+  const writing = insertLoop(pg, db, "p", "bob", 400, 5);
+  await sleep(400);
+  await relay.restart(); // SIGTERM: 1001 going away
+  await sleep(400);
+  await relay.stop("SIGKILL"); // no close frame at all
+  await relay.boot();
+  await writing;
+  const expected = await messageIds(db);
+  await until(() => got.ids.length >= expected.length, "every message");
+  await sleep(300);
+  results.relayRestart = { ...tally(expected, got.ids), closeCodes: closes, sdk: sub.stats };
+  assert.deepEqual(got.ids, expected);
+  assert.ok(contiguous(got.seqs));
+  assert.ok(closes.includes(1001), `close codes seen: ${closes}`);
+  client.close();
+  await relay.stop();
+});
+
+test("reset after trimming: the collection reloads and ends equal to the database", async () => {
+  const { db, relay } = await setup();
+  const proxy = track(await Proxy.start(relay.port));
+  const client = track(new Client({ url: proxy.ws, token: () => token("alice"), ...quick }));
+  const api = new ChatApi({ client });
+  const messages = collection(client, "p", "message", { load: () => api.recentMessages("p", 500), sort: (a, b) => a.seq - b.seq });
+  const resets = [];
+  messages.on("reset", (r) => resets.push(r.reason));
+  // The query-cache helper on the same subscription: one call per message
+  // event, and every handler with null on the reset.
+  const invalidated = { message: 0, all: 0, nulls: 0 };
+  invalidateOn(client.subscribe("p"), {
+    message: (e) => (e ? invalidated.message++ : invalidated.nulls++),
+    "*": (e) => (e ? invalidated.all++ : invalidated.nulls++),
+  });
+  await insertLoop(pg, db, "p", "bob", 20, 0, "before");
+  await messages.ready;
+  await until(() => messages.size === 20, "the first 20 messages");
+  proxy.refuse();
+  await insertLoop(pg, db, "p", "bob", 30, 0, "gap");
+  await pg.psql(db, "DELETE FROM chat.messages WHERE body IN ('before1', 'gap1')");
+  await pg.psql(db, "SELECT relay.trim(0, '0 seconds', 100000)");
+  proxy.allow();
+  await until(() => resets.length > 0, "a reset");
+  const rows = async () => (await pg.psql(db, "SELECT id || ':' || version FROM chat.messages WHERE project_id = 'p' ORDER BY seq"));
+  const expected = await rows();
+  await until(() => !messages.loading && messages.values().map((m) => `${m.id}:${m.version}`).join() === expected.join(), "the collection to equal the database");
+  results.resetAfterTrim = { resets, rows: expected.length, collection: messages.size, invalidated };
+  assert.deepEqual(resets, ["history_trimmed"]);
+  assert.equal(invalidated.message, 20, "one invalidation per message event before the gap");
+  assert.equal(invalidated.nulls, 2, "both handlers on the reset");
+  client.close();
+  proxy.close();
+  await relay.stop();
+});
+
+test("backoff stays within its bounds, and a relay that comes back is found", async () => {
+  const port = await freePort();
+  const bounds = { min: 100, max: 800 };
+  const client = track(new Client({ url: `ws://127.0.0.1:${port}/ws`, token: () => token("alice"), backoff: bounds }));
+  const delays = [];
+  let lastAt = 0;
+  const gaps = [];
+  client.on("reconnecting", (r) => {
+    delays.push(r.delay);
+    lastAt = Date.now();
+  });
+  client.on("state", (s) => s === "connecting" && lastAt && gaps.push([delays.at(-1), Date.now() - lastAt]));
+  await until(() => delays.length >= 8, "eight reconnects", 15_000);
+  delays.forEach((d, i) => {
+    assert.ok(d >= bounds.min && d <= Math.min(bounds.max, bounds.min * 2 ** i), `attempt ${i}: ${d} ms`);
+  });
+  for (const [delay, gap] of gaps) assert.ok(gap >= delay - 5, `waited ${gap} ms for a ${delay} ms delay`);
+  const { db } = { db: `t${++dbCount}` };
+  await pg.psql("postgres", `CREATE DATABASE ${db}`);
+  const relay = track(await Relay.start(pg.url(db), { port }));
+  await until(() => client.state === "connected", "the client to connect");
+  results.backoff = { bounds, delays };
+  client.close();
+  await relay.stop();
+});
+
+test("fatal close codes stop the client with a typed error", async () => {
+  const { relay } = await setup({ args: ["--max-connections-per-user", "1"] });
+  // 4001 and a provider with nothing else to offer.
+  const bad = token("alice", 3600, "some-other-secret-of-enough-bytes");
+  const a = track(new Client({ url: relay.ws, token: () => bad, backoff: { min: 10, max: 20 } }));
+  const aErrors = [];
+  a.on("error", (e) => aErrors.push(e));
+  await until(() => a.state === "closed", "4001 to stop the client");
+  assert.ok(aErrors.at(-1) instanceof AuthError && aErrors.at(-1).fatal && aErrors.at(-1).code === 4001);
+  await sleep(300);
+  assert.equal(a.stats.sockets, 1, "no reconnect after a refused token the provider cannot replace");
+  // A provider that keeps minting tokens the relay refuses: stops after three.
+  const b = track(new Client({ url: relay.ws, token: () => token("alice", 3600, "some-other-secret-of-enough-bytes"), backoff: { min: 10, max: 20 } }));
+  await until(() => b.state === "closed", "repeated 4001 to stop the client");
+  assert.equal(b.stats.sockets, 3);
+  // 1009: a frame over the relay's limit.
+  const c = track(new Client({ url: relay.ws, token: () => token("alice"), backoff: { min: 10, max: 20 } }));
+  const cErrors = [];
+  c.on("error", (e) => cErrors.push(e));
+  await until(() => c.state === "connected", "c to connect");
+  c.subscribe("x".repeat(70_000));
+  await until(() => c.state === "closed", "1009 to stop the client");
+  assert.ok(cErrors.at(-1) instanceof ConnectionError && cErrors.at(-1).code === 1009);
+  await sleep(300);
+  assert.equal(c.stats.sockets, 1);
+  // 4029 (one connection per user here): a longer backoff, then in once there is room.
+  const d1 = track(new Client({ url: relay.ws, token: () => token("bob"), ...quick }));
+  await until(() => d1.state === "connected", "d1 to connect");
+  const slow = { min: 400, max: 800 };
+  const d2 = track(new Client({ url: relay.ws, token: () => token("bob"), backoff: { min: 10, max: 20 }, slowBackoff: slow }));
+  const d2Retries = [];
+  d2.on("reconnecting", (r) => d2Retries.push(r));
+  await until(() => d2Retries.length >= 2, "d2 to be refused twice");
+  for (const r of d2Retries) {
+    assert.equal(r.code, 4029);
+    assert.ok(r.delay >= slow.min && r.delay <= slow.max, `delay ${r.delay}`);
+  }
+  d1.close();
+  await until(() => d2.state === "connected", "d2 to get in");
+  results.fatal = {
+    "4001 same token": { sockets: a.stats.sockets, error: aErrors.at(-1).message },
+    "4001 new bad tokens": { sockets: b.stats.sockets },
+    1009: { sockets: c.stats.sockets, error: cErrors.at(-1).message },
+    4029: { delays: d2Retries.map((r) => r.delay) },
+  };
+  d2.close();
+  await relay.stop();
+});
+
+test("tokens are refreshed in band before expiry; an expired one is replaced and the stream resumes", async () => {
+  const { db, relay } = await setup({ args: ["--jwt-leeway", "0s"] });
+  const asked = [];
+  const client = track(new Client({
+    url: relay.ws,
+    token: ({ reason }) => {
+      asked.push(reason);
+      return token("alice", 3);
+    },
+    refreshBefore: 1_500,
+    ...quick,
+  }));
+  let authenticated = 0;
+  client.on("authenticated", () => authenticated++);
+  const sub = client.subscribe("p");
+  const got = record(sub);
+  await sub.ready();
+  await sleep(7_000);
+  await insertLoop(pg, db, "p", "bob", 5, 0);
+  await until(() => got.ids.length === 5, "messages after the first token expired");
+  assert.equal(client.stats.sockets, 1, "the connection outlived its first token");
+  assert.ok(authenticated >= 2, `authenticated ${authenticated} times`);
+  results.refresh = { asked, authenticated, sockets: client.stats.sockets };
+  client.close();
+
+  // A provider that cannot refresh in band: the relay closes with 4002, the
+  // SDK asks for a new token, reconnects and resumes from its cursor.
+  let current = token("alice", 2);
+  const expiring = track(new Client({
+    url: relay.ws,
+    token: ({ reason }) => (reason === "refused" ? (current = token("alice", 2)) : current),
+    ...quick,
+  }));
+  const sub2 = expiring.subscribe("p");
+  const got2 = record(sub2);
+  await sub2.ready();
+  const writing = insertLoop(pg, db, "p", "bob", 200, 25);
+  await writing;
+  const expected = (await messageIds(db)).slice(5);
+  await until(() => got2.ids.length >= expected.length, "every message across expiries");
+  assert.deepEqual(got2.ids, expected);
+  assert.ok(expiring.stats.sockets >= 2, "the token expired at least once");
+  results.expiry = { ...tally(expected, got2.ids), sockets: expiring.stats.sockets, lastClose: expiring.stats.lastClose };
+  expiring.close();
+  await relay.stop();
+});
+
+test("outbox: a 503 while Postgres is down is retried until it succeeds, once", async () => {
+  const { db, relay } = await setup();
+  const client = track(new Client({ url: relay.ws, token: () => token("alice"), ...quick }));
+  const sub = client.subscribe("p");
+  const got = record(sub);
+  await sub.ready();
+  await until(() => client.state === "connected", "connected");
+  const outbox = track(new Outbox({ api: new ChatApi({ client }), client, storage: null, backoff: { min: 200, max: 400 }, maxAttempts: 50 }));
+  const statuses = [];
+  outbox.on("change", (i) => statuses.push(`${i.status}:${i.error?.status ?? ""}`));
+  await pg.stop();
+  const item = outbox.send("p", "written while the database was down");
+  await until(() => item.attempts >= 3, "three failed attempts", 30_000);
+  assert.equal(item.status, "pending");
+  assert.equal(item.error.status, 503);
+  await pg.boot();
+  await until(() => item.status === "sent", "the send to succeed", 30_000);
+  await until(() => got.ids.length === 1, "its event");
+  const rows = await pg.psql(db, `SELECT count(*) FROM chat.messages WHERE client_generated_id = '${item.id}'`);
+  assert.deepEqual(rows, ["1"]);
+  results.outbox503 = { attempts: item.attempts, statuses: [...new Set(statuses)], rows: Number(rows[0]), events: got.ids.length };
+  outbox.stop();
+  client.close();
+  await relay.stop();
+});
+
+test("outbox: 403 and 409 are not retried, and later items still go, in order", async () => {
+  const { db, relay } = await setup();
+  await pg.psql(db, "INSERT INTO chat.projects (id, name) VALUES ('closed', 'closed')");
+  let calls = 0;
+  const counting = (...args) => {
+    calls++;
+    return fetch(...args);
+  };
+  const api = new ChatApi({ baseUrl: relay.http, token: () => token("alice"), fetch: counting });
+  const outbox = track(new Outbox({ api, storage: null, backoff: { min: 50, max: 100 } }));
+  const { message } = await api.send("p", "original", "c-orig");
+  calls = 0;
+  const forbidden = outbox.send("closed", "not a member");
+  const stale = outbox.edit({ ...message, version: message.version + 5 }, "edited from a stale copy");
+  const last = outbox.send("p", "after the failures");
+  await until(() => last.status === "sent", "the last item");
+  assert.equal(forbidden.status, "failed");
+  assert.equal(forbidden.error.status, 403);
+  assert.equal(forbidden.attempts, 1);
+  assert.equal(stale.status, "failed");
+  assert.equal(stale.error.status, 409);
+  assert.equal(stale.error.code, "version_conflict");
+  assert.equal(calls, 3, "one request per item");
+  results.noRetry = { requests: calls, forbidden: forbidden.error, conflict: stale.error };
+  outbox.stop();
+  await relay.stop();
+});

@@ -1,0 +1,131 @@
+// The SDK's pure rules, fed frames directly: backoff bounds, the order and
+// dedupe of a subscription, and the merge rule of a collection. Everything
+// that talks to a relay is in relay.test.js and browser.test.js.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { backoffDelay, closeAction, Collection, Subscription, unsent } from "../src/index.js";
+import { Emitter } from "../src/emitter.js";
+
+test("backoff delays stay within min and the doubling cap", () => {
+  const bounds = { min: 500, max: 20_000 };
+  for (let attempt = 0; attempt < 40; attempt++) {
+    for (const r of [0, 0.5, 0.999999]) {
+      const d = backoffDelay(attempt, bounds, () => r);
+      assert.ok(d >= 500, `attempt ${attempt}: ${d} < 500`);
+      assert.ok(d <= Math.min(20_000, 500 * 2 ** attempt), `attempt ${attempt}: ${d} over the cap`);
+    }
+  }
+  assert.equal(backoffDelay(100, bounds, () => 1), 20_000);
+});
+
+test("close codes map to reconnect, slow, token or fatal", () => {
+  for (const c of [1000, 1001, 1006, 1011, 4008, 4999]) assert.equal(closeAction(c), "reconnect", String(c));
+  assert.equal(closeAction(4029), "slow");
+  assert.equal(closeAction(4001), "token");
+  assert.equal(closeAction(4002), "token");
+  for (const c of [1007, 1009, 4003]) assert.equal(closeAction(c), "fatal", String(c));
+});
+
+/** A subscription with a stand-in for the client that records resubscribes. */
+function subscription(cursor) {
+  const client = { resubscribes: 0, _resubscribe() { this.resubscribes++; }, _forget() {}, _resubscribeLater() {} };
+  const sub = new Subscription(client, "p", { cursor });
+  const got = [];
+  sub.on("event", (f) => got.push(f.seq));
+  return { sub, client, got };
+}
+const ev = (seq) => ({ type: "cache_invalidate", project_id: "p", resource: "message", action: "INSERT", seq, data: { id: "r" + seq, version: 1 } });
+
+test("events reach the app once each, in order, whatever order and repeats they arrive in", () => {
+  const { sub, client, got } = subscription(null);
+  sub._onEvent(ev(1)); // before `subscribed`: no cursor yet, ignored
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 10 });
+  for (const s of [11, 12, 12, 11, 14, 16, 15, 13, 17, 17, 9]) sub._onEvent(ev(s));
+  assert.deepEqual(got, [11, 12, 13, 14, 15, 16, 17]);
+  assert.equal(sub.stats.duplicates, 4);
+  assert.equal(sub.stats.heldBack, 3);
+  assert.equal(client.resubscribes, 1, "one gap, one resubscribe from the cursor");
+  assert.deepEqual(sub.cursor, { seq: 17 });
+  // The relay resends from the cursor after the resubscribe: all duplicates.
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 17 });
+  for (const s of [14, 15, 16, 17]) sub._onEvent(ev(s));
+  assert.deepEqual(got, [11, 12, 13, 14, 15, 16, 17]);
+});
+
+test("reset moves the cursor wherever the relay says, even back, and clears what was held", () => {
+  const { sub, got } = subscription({ seq: 30 });
+  const resets = [];
+  sub.on("reset", (r) => resets.push(r.reason));
+  sub._onEvent(ev(33)); // held ahead of a gap
+  sub._onReset({ type: "reset", project_id: "p", seq: 20, reason: "history_diverged" });
+  sub._onEvent(ev(21));
+  sub._onEvent(ev(33));
+  assert.deepEqual(got, [21]);
+  assert.deepEqual(resets, ["history_diverged"], "an unknown reason is a reset all the same");
+  assert.deepEqual(sub._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 21 });
+});
+
+test("forbidden ends the subscription with a SubscriptionError; unavailable asks again", async () => {
+  const { sub } = subscription({ seq: 1 });
+  const errors = [];
+  sub.on("error", (e) => errors.push(e));
+  sub._onError({ type: "error", code: "unavailable", message: "db down", project_id: "p" });
+  assert.equal(sub.ended, false);
+  sub._onError({ type: "error", code: "forbidden", message: "membership revoked", project_id: "p" });
+  assert.equal(sub.ended, true);
+  assert.equal(errors[1].name, "SubscriptionError");
+  assert.equal(errors[1].code, "forbidden");
+  assert.equal(errors[1].fatal, true);
+});
+
+/** A collection over a stand-in subscription (an emitter with a cursor). */
+function coll(load) {
+  const sub = new Emitter();
+  sub.ready = () => Promise.resolve();
+  const c = new Collection(sub, "message", { load, sort: (a, b) => a.seq - b.seq });
+  return { sub, c };
+}
+const row = (id, version, body = "v" + version) => ({ id, seq: Number(id.slice(1)), version, body });
+const frame = (action, data) => ({ type: "cache_invalidate", resource: "message", action, data, seq: 0 });
+
+test("history never replaces a newer row, and never brings back a deleted one", async () => {
+  let release;
+  const { sub, c } = coll(() => new Promise((r) => (release = r)));
+  await new Promise((r) => setImmediate(r));
+  // Live events while the history is loading.
+  sub.emit("event", frame("UPDATE", row("m1", 3)));
+  sub.emit("event", frame("DELETE", row("m2", 1)));
+  sub.emit("event", frame("INSERT", row("m4", 1)));
+  release([row("m1", 2), row("m2", 1), row("m3", 5)]);
+  await c.ready;
+  assert.deepEqual(
+    c.values().map((r) => [r.id, r.version]),
+    [["m1", 3], ["m3", 5], ["m4", 1]],
+  );
+  // History newer than an event it raced with wins; an older event after it does not.
+  sub.emit("event", frame("UPDATE", row("m3", 4)));
+  assert.equal(c.get("m3").version, 5);
+  sub.emit("event", frame("UPDATE", row("m3", 6)));
+  assert.equal(c.get("m3").version, 6);
+});
+
+test("a reload after reset drops rows that are gone and keeps those touched meanwhile", async () => {
+  let history = [row("m1", 1), row("m2", 1)];
+  const { sub, c } = coll(async () => history);
+  await c.ready;
+  history = [row("m2", 2)];
+  const reloaded = c.reload();
+  sub.emit("event", frame("INSERT", row("m9", 1)));
+  await reloaded;
+  assert.deepEqual(c.values().map((r) => r.id), ["m2", "m9"]);
+});
+
+test("unsent items are those whose message is not in the collection yet", () => {
+  const items = [
+    { op: "send", id: "a", body: "x" },
+    { op: "send", id: "b", body: "y" },
+    { op: "edit", id: "c", body: "z" },
+  ];
+  assert.deepEqual(unsent(items, [{ client_generated_id: "a" }]).map((i) => i.id), ["b"]);
+});

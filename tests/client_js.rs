@@ -1,0 +1,216 @@
+//! The JavaScript client SDK (`clients/js`) through `cargo test`: its Node
+//! suites (unit rules; the SDK against this relay binary and a private
+//! Postgres; the demo page in headless Chromium) run from here, so the
+//! README's one test command covers them. Missing tools fail the test with
+//! what to install; nothing is skipped silently.
+//!
+//! Also here: the demo mode keeps its token secret with `--data-dir`, so a
+//! token printed before a restart still works after it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn package_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js")
+}
+
+/// Node's major version, or a panic saying how to install it.
+fn node_major() -> u32 {
+    let out = Command::new("node")
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the JavaScript SDK's tests need Node.js 18 or newer (20 recommended), and `node` \
+             could not be run ({e}): apt-get install -y nodejs npm, then `npm ci` in clients/js"
+            )
+        });
+    let version = String::from_utf8_lossy(&out.stdout);
+    version
+        .trim()
+        .trim_start_matches('v')
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected `node --version` output: {version:?}"))
+}
+
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.exists(),
+        "the browser tests need Chromium at {} (apt-get install -y chromium, or set CHROMIUM)",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn javascript_sdk_suites_pass_against_the_relay_binary() {
+    let major = node_major();
+    assert!(
+        major >= 18,
+        "Node.js {major} is too old for the SDK's tests; install 18 or newer (20 recommended)"
+    );
+    let dir = package_dir();
+    for package in ["playwright-core", "ws"] {
+        assert!(
+            dir.join("node_modules").join(package).exists(),
+            "clients/js/node_modules/{package} is missing: run `npm ci` in clients/js"
+        );
+    }
+    let chromium = chromium();
+    let mut cmd = Command::new("node");
+    // Node 20 and 21 have a global WebSocket behind this flag (22 on by
+    // default); without it the tests use the `ws` package's.
+    let flag_ok = Command::new("node")
+        .args(["--experimental-websocket", "-e", "0"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if flag_ok {
+        cmd.arg("--experimental-websocket");
+    }
+    cmd.args([
+        "--test",
+        "test/unit.test.js",
+        "test/relay.test.js",
+        "test/browser.test.js",
+    ])
+    .current_dir(&dir)
+    .env("PGRELAY_BIN", env!("CARGO_BIN_EXE_pgrelay"))
+    .env("CHROMIUM", &chromium);
+    let started = Instant::now();
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running node --test: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let summary: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("ok ")
+                || l.starts_with("not ok ")
+                || l.starts_with("# pass")
+                || l.starts_with("# fail")
+        })
+        .collect();
+    println!(
+        "node --test in clients/js ({:.0?}):\n{}",
+        started.elapsed(),
+        summary.join("\n")
+    );
+    assert!(
+        out.status.success(),
+        "the JavaScript SDK's tests failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        summary
+            .iter()
+            .any(|l| l.starts_with("# pass") && l != &"# pass 0"),
+        "node --test ran no test:\n{stdout}"
+    );
+}
+
+/// `pgrelay serve` with a private Postgres in `data_dir`; returns the
+/// child, its address and its printed demo URL for alice.
+fn serve_demo(data_dir: &Path) -> (std::process::Child, String, String) {
+    use std::io::{BufRead, BufReader};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["serve", "--listen", &addr, "--data-dir"])
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("PGRELAY_JWT_SECRET")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting pgrelay serve");
+    let stdout = child.stdout.take().expect("its stdout");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut lines = BufReader::new(stdout).lines();
+    let url = loop {
+        assert!(
+            Instant::now() < deadline,
+            "pgrelay serve printed no demo URL in time"
+        );
+        let line = lines
+            .next()
+            .expect("pgrelay serve ended before printing the demo URL")
+            .expect("reading its output");
+        if let Some(url) = line.trim().strip_prefix("demo page as alice: ") {
+            break url.to_string();
+        }
+    };
+    // Keep reading (and dropping) its output so it never blocks on a pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr, url)
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+}
+
+/// The response head and body of `GET path` with a bearer token.
+fn get(addr: &str, path: &str, token: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the relay");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("writing a request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+fn status_line(response: &str) -> &str {
+    response.lines().next().unwrap_or_default()
+}
+
+#[test]
+fn demo_tokens_survive_a_restart_on_the_same_data_dir() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let data = dir.path().join("data");
+    let (first, addr, url) = serve_demo(&data);
+    let token = url.split("token=").nth(1).expect("a token in the URL");
+    assert!(status_line(&get(&addr, "/v1/projects", token)).contains(" 200 "));
+    // The demo page's SDK is served by the relay, as JavaScript.
+    let sdk = get(&addr, "/client.js", token);
+    let module = get(&addr, "/client/connection.js", token);
+    stop(first);
+    for response in [&sdk, &module] {
+        assert!(status_line(response).contains(" 200 "), "{response}");
+        assert!(
+            response
+                .to_ascii_lowercase()
+                .contains("content-type: text/javascript; charset=utf-8"),
+            "{response}"
+        );
+    }
+    assert!(sdk.contains("export * from \"./client/index.js\""));
+    assert!(module.contains("export class Client"));
+    let (second, addr, _) = serve_demo(&data);
+    let after = get(&addr, "/v1/projects", token);
+    stop(second);
+    assert!(
+        status_line(&after).contains(" 200 "),
+        "a token printed before the restart was refused after it: {}",
+        status_line(&after)
+    );
+}
