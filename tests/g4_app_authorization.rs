@@ -401,3 +401,28 @@ async fn a_database_migrated_by_release_0_1_upgrades_in_place() {
         "bob received the message after his removal: {saw:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_as_a_role_that_may_not_migrate_says_to_run_migrate() {
+    let url = empty_database("not_migrated").await;
+    psql(
+        &url,
+        &["-c", "DO $$ BEGIN IF to_regrole('reader_only') IS NULL THEN CREATE ROLE reader_only LOGIN; END IF; END $$"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", as_role(&url, "reader_only"))
+        .env("PGRELAY_JWT_SECRET", "a-secret-of-at-least-16-bytes")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running pgrelay serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "serve started without a schema: {stderr}"
+    );
+    assert!(
+        stderr.contains("run `pgrelay migrate` as the role that owns the schema"),
+        "{stderr}"
+    );
+}
