@@ -1,8 +1,9 @@
-//! Regressions found in review, each a way the guarantees were once broken:
-//! a revocation racing a subscribe (G4), a reset skipping a membership
-//! event (G4), pings starved by a long catch-up (G7), a refused
-//! re-subscribe that kept the old one running (G4), and a far-future token
-//! expiry that panicked a session and leaked its subscription.
+//! Regressions found in review, each a way the guarantees or the latency
+//! lead were once broken: a revocation racing a subscribe (G4), a reset
+//! skipping a membership event (G4), pings starved by a long catch-up (G7),
+//! a refused re-subscribe that kept the old one running (G4), a far-future
+//! token expiry that panicked a session and leaked its subscription, and
+//! pooled reads that were re-planned and JIT-compiled on every read.
 
 mod common;
 
@@ -282,4 +283,29 @@ async fn a_far_future_expiry_neither_panics_nor_leaks() {
     );
     assert_eq!(conns, 0, "connection gauge leaked: {outcome:?}");
     relay.shutdown().await;
+}
+
+/// The relay's pooled connections plan once and never JIT: with the
+/// defaults, Postgres re-planned `frames_after_many` on every read, and JIT
+/// of its generic plan cost milliseconds per read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_use_generic_plans_without_jit() {
+    let db = TestDb::new().await;
+    let log = pgrelay::relay::log::EventLog::connect(
+        &db.url,
+        2,
+        std::sync::Arc::new(pgrelay::metrics::Metrics::default()),
+        &[],
+    )
+    .expect("pool");
+    let client = log.pool().get().await.expect("connection");
+    let row = client
+        .query_one(
+            "SELECT current_setting('plan_cache_mode'), current_setting('jit')",
+            &[],
+        )
+        .await
+        .expect("settings");
+    assert_eq!(row.get::<_, String>(0), "force_generic_plan");
+    assert_eq!(row.get::<_, String>(1), "off");
 }

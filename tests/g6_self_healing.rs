@@ -1,7 +1,10 @@
-//! G6 and G7 under faults: the relay's LISTEN backend killed, the whole
-//! Postgres stopped and restarted, a client that stops reading, forged
-//! notices, two relays on one database, shutdown. Writers keep writing
-//! throughout; every subscriber must end with the contiguous seq range.
+//! G6 Self-healing: the relay's LISTEN backend killed, the whole Postgres
+//! stopped and restarted, while writers keep writing: the relay reconnects,
+//! fills every gap from the event log, says on `/healthz` while it is not
+//! listening, and every subscriber ends with the contiguous seq range. A
+//! relay that shuts down tells its clients to come back (going away) in
+//! bounded time. The private Postgres these faults are made with keeps its
+//! data across a stop and a start.
 
 mod common;
 
@@ -199,92 +202,6 @@ async fn restarting_postgres_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_and_foreign_notices_deliver_nothing_that_is_not_in_the_log() {
-    let db = TestDb::new().await;
-    let c = db.client().await;
-    seed_project(&c, "f", &["ann"]).await;
-    let relay = start_relay(relay_config(&db.url)).await;
-    let mut ann = WsClient::connect(relay.addr, "ann").await;
-    let latest = ann.subscribe("f", None).await["seq"].as_u64().expect("seq");
-    let next = latest + 1;
-    c.batch_execute(&format!(
-        "NOTIFY cache_invalidate, 'not json';
-         NOTIFY cache_invalidate, '{{\"hello\":\"world\"}}';
-         NOTIFY cache_invalidate, '{{\"type\":\"cache_invalidate\",\"project_id\":\"f\",\"seq\":-3}}';
-         SELECT pg_notify('cache_invalidate', json_build_object(
-             'type','cache_invalidate','resource','message','action','INSERT','id','forged',
-             'project_id','f','seq',{next},'timestamp','2026-01-01T00:00:00.000000Z',
-             'data', json_build_object('body','FORGED'))::text);"
-    ))
-    .await
-    .expect("forged notices");
-    assert!(
-        ann.try_next_json(Duration::from_millis(800))
-            .await
-            .is_none(),
-        "a forged notice delivers nothing"
-    );
-    c.execute(
-        "INSERT INTO chat.messages (id, project_id, sender_id, body) VALUES ('real', 'f', 'ann', 'real')",
-        &[],
-    )
-    .await
-    .expect("real insert");
-    let f = ann.next_json(10).await;
-    assert_eq!(f["seq"], next, "the real event with the forged seq arrives");
-    assert_eq!(f["id"], "real");
-    assert_eq!(f["data"]["body"], "real");
-    assert!(ann
-        .try_next_json(Duration::from_millis(300))
-        .await
-        .is_none());
-    assert!(relay.metrics.foreign_notices.load(Relaxed) >= 3);
-    assert!(relay.metrics.unconfirmed_notices.load(Relaxed) >= 1);
-    println!(
-        "forged notices: foreign {}, unconfirmed {}, delivered only the real event",
-        relay.metrics.foreign_notices.load(Relaxed),
-        relay.metrics.unconfirmed_notices.load(Relaxed)
-    );
-    relay.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_relays_on_one_database_each_deliver_everything() {
-    let db = TestDb::new().await;
-    let c = db.client().await;
-    seed_project(&c, "two", &["ann", "bob"]).await;
-    let r1 = start_relay(relay_config(&db.url)).await;
-    let r2 = start_relay(relay_config(&db.url)).await;
-    let mut ann = WsClient::connect(r1.addr, "ann").await;
-    let mut bob = WsClient::connect(r2.addr, "bob").await;
-    let start = ann.subscribe("two", None).await["seq"]
-        .as_u64()
-        .expect("seq");
-    bob.subscribe("two", None).await;
-    c.execute(
-        "INSERT INTO chat.messages (project_id, sender_id, body)
-         SELECT 'two', 'ann', 'm' || g FROM generate_series(1, 500) g",
-        &[],
-    )
-    .await
-    .expect("insert");
-    assert_contiguous(
-        &ann.events_until("two", start + 500, 30).await,
-        start + 1,
-        start + 500,
-        "ann on relay 1",
-    );
-    assert_contiguous(
-        &bob.events_until("two", start + 500, 30).await,
-        start + 1,
-        start + 500,
-        "bob on relay 2",
-    );
-    r1.shutdown().await;
-    r2.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_sends_going_away() {
     let db = TestDb::new().await;
     let c = db.client().await;
@@ -305,79 +222,44 @@ async fn shutdown_sends_going_away() {
     );
 }
 
-/// One value from the relay's `/metrics`.
-async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
-    let text = http_get(addr, "/metrics").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("/metrics has no {name}"))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_stops_reading_gets_everything_later_and_slows_no_one() {
-    let db = TestDb::new().await;
+#[tokio::test(flavor = "multi_thread")]
+async fn private_server_survives_stop_and_restart_with_its_data() {
+    let server = std::sync::Arc::new(TestServer::dedicated().await);
+    let db = server.fresh_db().await;
     let c = db.client().await;
-    seed_project(&c, "slow", &["ann", "bob"]).await;
-    // Its own process, so the relay's memory is measured apart from ours.
-    let relay = RelayProcess::start(&db.url, &[]).await;
-    let mut slow = WsClient::connect(relay.addr, "ann").await;
-    let mut fast = WsClient::connect(relay.addr, "bob").await;
-    let start = slow.subscribe("slow", None).await["seq"]
-        .as_u64()
-        .expect("seq");
-    fast.subscribe("slow", None).await;
+    c.batch_execute("INSERT INTO chat.projects (id, name) VALUES ('keep', 'Keep')")
+        .await
+        .expect("write before restart");
+    let port = server.pg.port();
 
-    let rss_before = relay.rss_kib();
-    // ~2 KiB rows, 20 statements of 1,000: about 40 MiB of frames, far
-    // more than the socket buffers and the ring (4096 frames) hold.
-    const BATCHES: u64 = 20;
-    const ROWS: u64 = 1000;
-    let mut rss_during = Vec::new();
-    let mut fast_seqs = Vec::new();
-    for b in 0..BATCHES {
-        c.execute(
-            "INSERT INTO chat.messages (project_id, sender_id, body)
-             SELECT 'slow', 'bob', repeat('z', 2000) FROM generate_series(1, $1::int)",
-            &[&(ROWS as i32)],
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.pg.stop().expect("stop"))
+        .await
+        .expect("stop task");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the server is down after stop"
+    );
+    assert!(
+        c.query_one("SELECT 1", &[]).await.is_err(),
+        "an old connection fails while the server is down"
+    );
+
+    let s = server.clone();
+    tokio::task::spawn_blocking(move || s.pg.start_again().expect("start again"))
+        .await
+        .expect("start task");
+    let c = db.client().await;
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM relay.events WHERE scope = 'keep'",
+            &[],
         )
         .await
-        .expect("insert");
-        // The fast client keeps up meanwhile.
-        fast_seqs.extend(fast.events_until("slow", start + (b + 1) * ROWS, 30).await);
-        rss_during.push(relay.rss_kib());
-    }
-    let last = start + BATCHES * ROWS;
-    assert_contiguous(&fast_seqs, start + 1, last, "the reading client");
-    let reads_before = metric(relay.addr, "pgrelay_log_reads_total").await;
-    // Now the slow client reads everything.
-    let slow_seqs = slow.events_until("slow", last, 120).await;
-    assert_contiguous(
-        &slow_seqs,
-        start + 1,
-        last,
-        "the client that stopped reading",
-    );
-    let catchup_reads = metric(relay.addr, "pgrelay_log_reads_total").await - reads_before;
-    let rss_after = relay.rss_kib();
-    let peak = rss_during.iter().copied().max().unwrap_or(0).max(rss_after);
-    println!(
-        "slow client: {} events of ~2 KiB (~{} MiB) written while it did not read; the reading client got all {} in step; \
-         the stalled one then got all of them through {catchup_reads} catch-up reads of the log; \
-         relay RSS KiB before {rss_before}, during {:?}, after {rss_after}",
-        last - start,
-        (last - start) * 2 / 1024,
-        fast_seqs.len(),
-        rss_during
-    );
-    assert!(
-        catchup_reads >= 1.0,
-        "the stalled client was fed from the log"
-    );
-    // The relay holds at most the ring (16 MiB cap) plus socket buffers,
-    // never the 40 MiB backlog.
-    assert!(
-        peak.saturating_sub(rss_before) < 40 * 1024,
-        "relay memory grew by {} KiB while a client stalled",
-        peak - rss_before
+        .expect("query after restart")
+        .get(0);
+    assert_eq!(
+        n, 1,
+        "the event written before the restart is still there, same port"
     );
 }

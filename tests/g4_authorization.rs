@@ -1,6 +1,11 @@
-//! G4 and hostile input: only authorized members ever receive a project's
-//! events, tokens are checked strictly, and nothing a client sends can
-//! crash, stall or exhaust the relay.
+//! G4 Authorization: only users authorized for a scope at delivery time
+//! receive its events, revoking membership stops delivery at once without a
+//! reconnect, and a missing, bad, expired or wrongly signed token is
+//! refused with a documented close code; tokens are checked strictly
+//! (audience, algorithm, in-band refresh), origins outside the allow-list
+//! are refused, and `pgrelay token` signs with the configured secret.
+//! Races found in review (a revocation racing a subscribe, a reset over a
+//! membership event) are in `regressions.rs`.
 
 mod common;
 
@@ -8,13 +13,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
-use futures_util::SinkExt;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use pgrelay::auth::{unix_now, AuthConfig};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::Message;
 
 fn hs256(claims: serde_json::Value, secret: &[u8]) -> String {
     encode(
@@ -60,6 +61,62 @@ fn es256_keys() -> (Vec<u8>, Vec<u8>) {
     ]);
     let public = run(&["pkey", "-in", key_path, "-pubout"]);
     (std::fs::read(&key).expect("reading the key"), public)
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_bad_and_expired_tokens_are_closed_with_documented_codes() {
+    let db = TestDb::new().await;
+    let relay = start_relay(relay_config(&db.url)).await;
+    let expired = {
+        use jsonwebtoken::{encode, EncodingKey, Header};
+        let claims = json!({"sub": "ann", "exp": pgrelay::auth::unix_now() - 3600});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .expect("sign")
+    };
+    for (query, code) in [
+        (String::new(), 4001u16),
+        ("?token=not.a.jwt".to_string(), 4001),
+        (
+            format!("?token={}", {
+                let other = pgrelay::auth::Authenticator::hs256(
+                    b"wrong-secret-of-enough-bytes",
+                    Duration::ZERO,
+                );
+                other.issue("ann", Duration::from_secs(60)).expect("sign")
+            }),
+            4001,
+        ),
+        (format!("?token={expired}"), 4002),
+    ] {
+        let url = format!("ws://{}/ws{query}", relay.addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("handshake");
+        let mut client = WsClient { ws };
+        assert_eq!(client.close_code(10).await, Some(code), "query {query:?}");
+    }
+    relay.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,23 +186,6 @@ async fn bad_tokens_are_refused_with_documented_close_codes() {
     assert_eq!(ann.next_json(5).await["type"], "pong");
     println!("refused: {}", refused.join("; "));
     relay.shutdown().await;
-}
-
-fn base64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,251 +430,6 @@ async fn origins_outside_the_allow_list_are_refused() {
         "{refused:?}"
     );
     relay.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_input_gets_clear_answers_and_memory_returns_to_baseline() {
-    let db = TestDb::new().await;
-    let c = db.client().await;
-    seed_project(&c, "p", &["ann", "bob"]).await;
-    // The relay runs as its own process, so its memory is its own.
-    let relay = RelayProcess::start(
-        &db.url,
-        &[
-            "--max-connections-per-user",
-            "32",
-            "--max-frames-per-second",
-            "200",
-        ],
-    )
-    .await;
-    // A bystander who must be served throughout.
-    let mut bob = WsClient::connect(relay.addr, "bob").await;
-    let mut bob_seq = bob.subscribe("p", None).await["seq"].as_u64().expect("seq");
-    let rss_baseline = relay.rss_kib();
-    let mut rss_rounds = Vec::new();
-    for round in 1..=2 {
-        let report = hostile_round(relay.addr, &c).await;
-        if round == 1 {
-            println!("hostile input:\n  {}", report.join("\n  "));
-        }
-        // The bystander was served all along.
-        c.execute(
-            "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('p', 'bob', 'still served')",
-            &[],
-        )
-        .await
-        .expect("insert");
-        bob_seq += 1;
-        let f = bob.next_json(10).await;
-        assert_eq!(f["seq"], bob_seq);
-        assert_eq!(f["data"]["body"], "still served");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        rss_rounds.push(relay.rss_kib());
-    }
-    println!(
-        "relay RSS KiB: baseline {rss_baseline}, after round 1 {}, after round 2 {}",
-        rss_rounds[0], rss_rounds[1]
-    );
-    // Allocators keep some freed memory, so "baseline" means: the same
-    // abuse again costs nothing more, and the total stays small.
-    assert!(
-        rss_rounds[1] < rss_rounds[0] + 4 * 1024,
-        "memory grew from round 1 to round 2: {rss_rounds:?} KiB"
-    );
-    assert!(
-        rss_rounds[1] < rss_baseline + 32 * 1024,
-        "memory did not return near its baseline: {rss_baseline} -> {rss_rounds:?} KiB"
-    );
-    let status = relay.terminate();
-    assert!(
-        status.success(),
-        "the relay exits cleanly on SIGTERM: {status}"
-    );
-}
-
-/// One round of abuse; returns what the relay answered to each case.
-async fn hostile_round(addr: std::net::SocketAddr, c: &tokio_postgres::Client) -> Vec<String> {
-    let mut report = Vec::new();
-    // 1. 1,000 random frames, binary and text, paced under the rate limit
-    //    in bursts: each gets an error frame.
-    let mut ann = WsClient::connect(addr, "ann").await;
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let mut codes = std::collections::BTreeMap::<String, usize>::new();
-    for i in 0..1000 {
-        let len = (next() % 512) as usize + 1;
-        let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-        let frame = if i % 2 == 0 {
-            Message::Binary(bytes.into())
-        } else {
-            Message::Text(String::from_utf8_lossy(&bytes).into_owned().into())
-        };
-        ann.ws.send(frame).await.expect("send");
-        let reply = ann.next_json(10).await;
-        assert_eq!(reply["type"], "error", "{reply}");
-        *codes
-            .entry(reply["code"].as_str().unwrap_or("?").to_string())
-            .or_default() += 1;
-        if i % 350 == 349 {
-            // Stay inside 200 frames/s with a burst of 400.
-            tokio::time::sleep(Duration::from_millis(1800)).await;
-        }
-    }
-    report.push(format!("1000 random frames -> error frames {codes:?}"));
-
-    // 2. Scope strings with quotes and SQL: forbidden, and the table stands.
-    for scope in [
-        "p'; DROP TABLE chat.messages; --",
-        "\"quoted\"",
-        "x' OR '1'='1",
-        "🦀",
-        "p\\",
-    ] {
-        ann.send_json(json!({"action": "subscribe", "project_id": scope}))
-            .await;
-        let reply = ann.next_json(10).await;
-        assert_eq!(reply["code"], "forbidden", "{scope:?}: {reply}");
-    }
-    // Control characters (Postgres text cannot hold NUL) are bad input.
-    ann.send_json(json!({"action": "subscribe", "project_id": "a\u{0}b"}))
-        .await;
-    assert_eq!(ann.next_json(10).await["code"], "bad_request");
-    let still: i64 = c
-        .query_one("SELECT count(*) FROM chat.messages", &[])
-        .await
-        .expect("chat.messages still exists")
-        .get(0);
-    report.push(format!(
-        "SQL-ish scopes -> forbidden; chat.messages intact ({still} rows)"
-    ));
-
-    // 3. Deeply nested JSON within the size limit.
-    ann.ws
-        .send(Message::Text(
-            format!("{}1{}", "[".repeat(30_000), "]".repeat(30_000)).into(),
-        ))
-        .await
-        .expect("send");
-    assert_eq!(ann.next_json(10).await["code"], "bad_json");
-    report.push("30,000-deep JSON -> bad_json".into());
-
-    // 4. Invalid UTF-8 in a text frame: close 1007.
-    let mut bad_utf8 = WsClient::connect(addr, "ann").await;
-    let raw = Frame::message(vec![0x7b, 0xff, 0xfe, 0x7d], OpCode::Data(Data::Text), true);
-    let _ = bad_utf8.ws.send(Message::Frame(raw)).await;
-    assert_eq!(bad_utf8.close_code(10).await, Some(1007));
-    report.push("invalid UTF-8 text frame -> close 1007".into());
-
-    // 5. A 16 MiB frame: close 1009, without buffering it.
-    let mut huge = WsClient::connect(addr, "ann").await;
-    let _ = huge
-        .ws
-        .send(Message::Text("x".repeat(16 << 20).into()))
-        .await;
-    assert_eq!(huge.close_code(10).await, Some(1009));
-    report.push("16 MiB frame -> close 1009".into());
-
-    // 6. 10,000 subscribe/unsubscribe frames in a burst: the first are
-    //    served, then rate_limited errors, then close 4029.
-    let mut flood = WsClient::connect(addr, "ann").await;
-    for i in 0..10_000 {
-        let action = if i % 2 == 0 {
-            "subscribe"
-        } else {
-            "unsubscribe"
-        };
-        if flood
-            .ws
-            .feed(Message::Text(
-                json!({"action": action, "project_id": "p"})
-                    .to_string()
-                    .into(),
-            ))
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-    let _ = flood.ws.flush().await;
-    let mut seen = std::collections::BTreeMap::<String, usize>::new();
-    let close = loop {
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            futures_util::StreamExt::next(&mut flood.ws),
-        )
-        .await
-        {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                let v: serde_json::Value = serde_json::from_str(&t).expect("json");
-                let key = v["code"]
-                    .as_str()
-                    .or(v["type"].as_str())
-                    .unwrap_or("?")
-                    .to_string();
-                *seen.entry(key).or_default() += 1;
-            }
-            Ok(Some(Ok(Message::Close(f)))) => break f.map(|f| u16::from(f.code)),
-            Ok(Some(Ok(_))) => continue,
-            _ => break None,
-        }
-    };
-    assert_eq!(
-        close,
-        Some(4029),
-        "a flood is closed as rate limited; saw {seen:?}"
-    );
-    assert!(seen.get("rate_limited").copied().unwrap_or(0) >= 1);
-    report.push(format!("10,000-frame burst -> {seen:?} then close 4029"));
-
-    // 7. A thousand connections from one user: 32 allowed, the rest 4029.
-    let mut held = Vec::new();
-    let mut refused = 0;
-    for _ in 0..20 {
-        let batch: Vec<_> = (0..50)
-            .map(|_| {
-                tokio_tungstenite::connect_async(format!("ws://{}/ws?token={}", addr, token("ann")))
-            })
-            .collect();
-        for r in futures_util::future::join_all(batch).await {
-            let (ws, _) = r.expect("handshake");
-            held.push(WsClient { ws });
-        }
-        // Refused ones are closed at once; keep the accepted ones open.
-        let verdicts = futures_util::future::join_all(
-            held.iter_mut()
-                .map(|c| c.try_close_code(Duration::from_millis(300))),
-        )
-        .await;
-        let mut kept = Vec::new();
-        for (client, verdict) in held.drain(..).zip(verdicts) {
-            match verdict {
-                Some(4029) => refused += 1,
-                Some(other) => panic!("unexpected close {other}"),
-                None => kept.push(client),
-            }
-        }
-        held = kept;
-    }
-    let accepted = held.len();
-    assert_eq!(
-        accepted,
-        32 - 1,
-        "the per-user limit (one earlier ann connection is open)"
-    );
-    report.push(format!("1,000 connections of one user -> {accepted} accepted (+1 already open), {refused} closed 4029"));
-    drop(held);
-    drop(flood);
-    drop(ann);
-    // Wait until the refused and dropped connections are gone.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    report
 }
 
 #[tokio::test]

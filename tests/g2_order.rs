@@ -1,4 +1,4 @@
-//! G2 under real concurrency: 8 writers on separate connections insert into
+//! G2 Order under real concurrency: 8 writers on separate connections insert into
 //! one project at once, some transactions rolled back at random. The event
 //! log must hold seq 1..N with no gap or duplicate, and a LISTEN connection
 //! must receive every notice exactly once, in seq order.
