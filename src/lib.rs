@@ -42,7 +42,14 @@
 //! below uses `http` or `server`.
 //!
 //! See `DESIGN.md` of the project for the guarantees (G1 to G8) each layer
-//! upholds; `tests/` names its files after them.
+//! upholds; `tests/` names its files after them (`g1_capture.rs` ..
+//! `g7_bounded_and_bad_input.rs`, with `tests/common/` the harness).
+//!
+//! Around the library: `src/main.rs` (the command line: parse, then call
+//! the library), `src/bin/pgrelay-bench/` (the benchmarks, one file per
+//! scenario) and `crates/testkit` (the relay's clients from the outside:
+//! WebSocket, LISTEN, HTTP, a relay child process), which the benchmarks
+//! and `tests/common/` share.
 
 pub mod auth;
 pub mod config;

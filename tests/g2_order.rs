@@ -94,7 +94,7 @@ async fn concurrent_writers_get_contiguous_seqs_in_commit_order() {
     }
     // Anything extra would show up as a duplicate or an out-of-range seq.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    while let Ok(payload) = notices.rx.try_recv() {
+    while let Some(payload) = notices.try_next() {
         let v: serde_json::Value = serde_json::from_str(&payload).expect("notice is JSON");
         if v["project_id"] == "race" {
             received.push(v["seq"].as_i64().expect("seq is a number"));

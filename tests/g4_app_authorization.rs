@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::{
-    http_json, relay_config, seed_project, start_relay, RelayProcess, TestDb, TestServer, WsClient,
+    http_json, relay_config, seed_project, spawn_relay_process, start_relay, TestDb, TestServer,
+    WsClient,
 };
 use serde_json::json;
 
@@ -108,7 +109,7 @@ async fn an_app_installed_by_hand_keeps_its_rule_and_revokes_with_no_relay_setti
     );
 
     // `pgrelay serve` as the unprivileged role, with no membership setting.
-    let relay = RelayProcess::start(&as_role(&owner_url, "relay_svc"), &[]).await;
+    let relay = spawn_relay_process(&as_role(&owner_url, "relay_svc"), &[]).await;
     let writer = common::connect(&as_role(&owner_url, "app_writer")).await.0;
     writer
         .batch_execute("INSERT INTO acc.members VALUES ('t1', 'ann'), ('t1', 'bob')")
@@ -377,7 +378,7 @@ async fn a_database_migrated_by_release_0_1_upgrades_in_place() {
     migrate(true);
     migrate(true);
 
-    let relay = RelayProcess::start(&url, &[]).await;
+    let relay = spawn_relay_process(&url, &[]).await;
     let writer = common::connect(&url).await.0;
     let mut bob = WsClient::connect(relay.addr, "bob").await;
     let at = bob.subscribe("p", None).await["seq"].as_u64().expect("seq");

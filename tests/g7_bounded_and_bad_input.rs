@@ -214,7 +214,7 @@ async fn a_client_that_stops_reading_gets_everything_later_and_slows_no_one() {
     let c = db.client().await;
     seed_project(&c, "slow", &["ann", "bob"]).await;
     // Its own process, so the relay's memory is measured apart from ours.
-    let relay = RelayProcess::start(&db.url, &[]).await;
+    let relay = spawn_relay_process(&db.url, &[]).await;
     let mut slow = WsClient::connect(relay.addr, "ann").await;
     let mut fast = WsClient::connect(relay.addr, "bob").await;
     let start = slow.subscribe("slow", None).await["seq"]
@@ -283,7 +283,7 @@ async fn hostile_input_gets_clear_answers_and_memory_returns_to_baseline() {
     let c = db.client().await;
     seed_project(&c, "p", &["ann", "bob"]).await;
     // The relay runs as its own process, so its memory is its own.
-    let relay = RelayProcess::start(
+    let relay = spawn_relay_process(
         &db.url,
         &[
             "--max-connections-per-user",
@@ -331,7 +331,7 @@ async fn hostile_input_gets_clear_answers_and_memory_returns_to_baseline() {
         rss_rounds[1] < rss_baseline + 32 * 1024,
         "memory did not return near its baseline: {rss_baseline} -> {rss_rounds:?} KiB"
     );
-    let status = relay.terminate();
+    let status = relay.terminate().expect("sending SIGTERM to the relay");
     assert!(
         status.success(),
         "the relay exits cleanly on SIGTERM: {status}"

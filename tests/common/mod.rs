@@ -120,61 +120,45 @@ pub async fn connect(
     (client, tokio::spawn(conn))
 }
 
-/// A connection that LISTENs on a channel and hands every notification's
-/// payload to the test, in arrival order. The connection is driven with
-/// `poll_message`, the only way tokio-postgres surfaces notifications.
+/// A connection that LISTENs on a channel ([`testkit::listen::Notices`]),
+/// whose failures panic.
 pub struct Notices {
-    pub rx: tokio::sync::mpsc::UnboundedReceiver<String>,
-    _client: Client,
+    inner: testkit::listen::Notices,
 }
 
 impl Notices {
     pub async fn listen(url: &str, channel: &str) -> Notices {
-        use futures_util::StreamExt;
-        let (client, mut conn) = tokio_postgres::connect(url, NoTls)
+        let inner = testkit::listen::Notices::listen(url, channel)
             .await
-            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                    if tx.send(n.payload().to_string()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        client
-            .batch_execute(&format!("LISTEN {channel}"))
-            .await
-            .expect("LISTEN");
-        Notices {
-            rx,
-            _client: client,
-        }
+            .unwrap_or_else(|e| panic!("LISTEN {channel} on {url}: {e}"));
+        Notices { inner }
     }
 
     /// The next notice as JSON, or a panic after `secs` seconds.
     pub async fn next_json(&mut self, secs: u64) -> serde_json::Value {
-        let payload = tokio::time::timeout(std::time::Duration::from_secs(secs), self.rx.recv())
+        let notice = self
+            .inner
+            .next(std::time::Duration::from_secs(secs))
             .await
-            .expect("timed out waiting for a notice")
-            .expect("the LISTEN connection closed");
-        serde_json::from_str(&payload)
-            .unwrap_or_else(|e| panic!("notice {payload:?} is not JSON: {e}"))
+            .unwrap_or_else(|e| panic!("waiting for a notice: {e}"));
+        serde_json::from_str(&notice.payload)
+            .unwrap_or_else(|e| panic!("notice {:?} is not JSON: {e}", notice.payload))
+    }
+
+    /// The payload of a notice already received, if any.
+    pub fn try_next(&mut self) -> Option<String> {
+        self.inner.rx.try_recv().ok().map(|n| n.payload)
     }
 }
 
 // ---------------------------------------------------------------------
 // The relay, in-process, and real WebSocket clients.
 
-use futures_util::{SinkExt, StreamExt};
 use pgrelay::auth::Authenticator;
 use pgrelay::config::RelayConfig;
 use pgrelay::server::RelayHandle;
 use std::time::Duration;
-use tokio_tungstenite::tungstenite::Message;
+use testkit::ws;
 
 pub const SECRET: &[u8] = b"test-secret-of-enough-bytes";
 
@@ -226,47 +210,33 @@ pub async fn seed_project(c: &Client, project: &str, members: &[&str]) {
     }
 }
 
-pub type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub use testkit::ws::Ws;
 
-/// A real WebSocket client of the relay.
+/// A real WebSocket client of the relay ([`testkit::ws`]), whose failures
+/// panic.
 pub struct WsClient {
     pub ws: Ws,
 }
 
 impl WsClient {
     pub async fn connect(addr: std::net::SocketAddr, user: &str) -> WsClient {
-        let url = format!("ws://{addr}/ws?token={}", token(user));
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+        let ws = ws::connect(addr, &token(user))
             .await
             .expect("WebSocket connect");
         WsClient { ws }
     }
 
     pub async fn send_json(&mut self, v: serde_json::Value) {
-        self.ws
-            .send(Message::Text(v.to_string().into()))
+        ws::send_json(&mut self.ws, &v)
             .await
             .expect("sending a frame");
     }
 
     /// The next text frame as JSON; `None` on timeout. Panics on close.
     pub async fn try_next_json(&mut self, timeout: Duration) -> Option<serde_json::Value> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()?;
-            match msg {
-                Some(Ok(Message::Text(t))) => {
-                    return Some(serde_json::from_str(&t).expect("relay frames are JSON"))
-                }
-                Some(Ok(Message::Close(f))) => panic!("connection closed: {f:?}"),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => panic!("WebSocket error: {e}"),
-                None => panic!("connection ended"),
-            }
-        }
+        ws::next_json(&mut self.ws, timeout)
+            .await
+            .unwrap_or_else(|e| panic!("reading a frame: {e}"))
     }
 
     pub async fn next_json(&mut self, secs: u64) -> serde_json::Value {
@@ -277,14 +247,9 @@ impl WsClient {
 
     /// Subscribes and returns the `subscribed` frame.
     pub async fn subscribe(&mut self, project: &str, since: Option<u64>) -> serde_json::Value {
-        let mut req = serde_json::json!({"action": "subscribe", "project_id": project});
-        if let Some(s) = since {
-            req["since_seq"] = s.into();
-        }
-        self.send_json(req).await;
-        let f = self.next_json(10).await;
-        assert_eq!(f["type"], "subscribed", "expected subscribed, got {f}");
-        f
+        ws::subscribe(&mut self.ws, project, since, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("subscribing to {project}: {e}"))
     }
 
     /// Collects event seqs of `project` until `last` arrives (or panics
@@ -317,15 +282,7 @@ impl WsClient {
 
     /// Like `close_code`, with `None` also when nothing comes in time.
     pub async fn try_close_code(&mut self, wait: Duration) -> Option<u16> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            match tokio::time::timeout_at(deadline, self.ws.next()).await {
-                Err(_) => return None,
-                Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| u16::from(f.code)),
-                Ok(Some(Ok(_))) => continue,
-                Ok(Some(Err(_))) | Ok(None) => return None,
-            }
-        }
+        ws::close_code(&mut self.ws, wait).await
     }
 }
 
@@ -351,99 +308,39 @@ pub fn assert_contiguous(seqs: &[u64], from: u64, to: u64, who: &str) {
 
 /// Resident memory of this process, in KiB (Linux).
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    testkit::process::rss_kib(std::process::id())
 }
 
 /// A plain HTTP/1.1 GET; returns the whole response as text.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+    testkit::http::get(addr, path)
         .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-/// The relay binary as a separate process, so its memory can be measured
-/// apart from the test's clients.
-pub struct RelayProcess {
-    pub child: std::process::Child,
-    pub addr: std::net::SocketAddr,
-}
+pub use testkit::process::RelayProcess;
 
-impl RelayProcess {
-    /// Starts `pgrelay serve` on a free port against `url` with extra
-    /// flags, and waits until `/healthz` says it LISTENs.
-    pub async fn start(url: &str, extra: &[&str]) -> RelayProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(extra)
-            .env("DATABASE_URL", url)
-            .env(
-                "PGRELAY_JWT_SECRET",
-                std::str::from_utf8(SECRET).expect("utf-8"),
-            )
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .expect("starting the pgrelay binary");
-        let relay = RelayProcess { child, addr };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok()
-                && http_get(addr, "/healthz").await.starts_with("HTTP/1.1 200")
-            {
-                return relay;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the relay process did not become healthy");
-    }
-
-    /// Resident memory of the relay process, in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0)
-    }
-
-    /// SIGTERM, then the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        self.child.wait().expect("waiting for the relay")
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the `pgrelay serve` binary as a separate process, so its memory
+/// can be measured apart from the test's clients: on a free port against
+/// `url` with extra flags, once `/healthz` says it LISTENs.
+pub async fn spawn_relay_process(url: &str, extra: &[&str]) -> RelayProcess {
+    let addr = testkit::process::free_addr().expect("a free port");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"));
+    command
+        .arg("serve")
+        .arg("--listen")
+        .arg(addr.to_string())
+        .args(extra)
+        .env("DATABASE_URL", url)
+        .env(
+            "PGRELAY_JWT_SECRET",
+            std::str::from_utf8(SECRET).expect("utf-8"),
+        )
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    RelayProcess::spawn(&mut command, addr)
+        .await
+        .unwrap_or_else(|e| panic!("starting the pgrelay binary: {e}"))
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns the status and
@@ -455,35 +352,17 @@ pub async fn http_json(
     user: Option<&str>,
     body: Option<&str>,
 ) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
-    if let Some(u) = user {
-        req.push_str(&format!("Authorization: Bearer {}\r\n", token(u)));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    if let Some(b) = body {
-        // A server may answer (413) before reading it all.
-        let _ = s.write_all(b.as_bytes()).await;
-    }
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw).await;
-    let text = String::from_utf8_lossy(&raw);
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let bearer = user.map(|u| format!("Bearer {}", token(u)));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("Authorization", b.as_str()))
+        .collect();
+    let response = testkit::http::request(addr, method, path, &headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let status = testkit::http::status(&response).unwrap_or_else(|e| panic!("{e}"));
     (
         status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(testkit::http::body(&response)).unwrap_or(serde_json::Value::Null),
     )
 }

@@ -1,0 +1,132 @@
+//! What every scenario runs against: a private Postgres with a migrated
+//! `bench` database and a relay process, plus the database clients and CPU
+//! meters the scenarios use.
+
+use std::process::Command;
+use std::time::Duration;
+
+use pgrelay::auth::Authenticator;
+use pgrelay::db::embedded::{PgOptions, PgServer};
+use testkit::process::{free_addr, postgres_cpu_seconds, RelayProcess};
+use tokio_postgres::{Client, NoTls};
+
+use crate::relay::SECRET;
+
+/// A private Postgres, a migrated database and a relay process.
+pub struct Env {
+    /// Declared before `pg`, so a failed run stops the relay first.
+    pub relay: RelayProcess,
+    pg: PgServer,
+    pub url: String,
+    auth: Authenticator,
+}
+
+impl Env {
+    pub async fn start() -> anyhow::Result<Env> {
+        let mut options = PgOptions::for_tests();
+        // Durable but not waiting for fsync per commit: this disk's fsync
+        // otherwise caps every scenario near 450 commits/s.
+        options.settings = vec![
+            ("synchronous_commit".into(), "off".into()),
+            ("max_connections".into(), "300".into()),
+            ("shared_buffers".into(), "256MB".into()),
+        ];
+        let pg = tokio::task::spawn_blocking(move || PgServer::start(options)).await??;
+        let (admin, conn) = tokio_postgres::connect(&pg.url("postgres"), NoTls).await?;
+        tokio::spawn(conn);
+        admin.batch_execute("CREATE DATABASE bench").await?;
+        let url = pg.url("bench");
+        pgrelay::db::schema::migrate(&url, pgrelay::db::schema::Apps::WITH_CHAT).await?;
+        let addr = free_addr()?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args([
+                "relay",
+                "--database-url",
+                &url,
+                "--listen",
+                &addr.to_string(),
+            ])
+            .env("RUST_LOG", "warn");
+        let relay = RelayProcess::spawn(&mut command, addr).await?;
+        Ok(Env {
+            relay,
+            pg,
+            url,
+            auth: Authenticator::hs256(SECRET.as_bytes(), Duration::ZERO),
+        })
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.relay.addr
+    }
+
+    /// A token for `user`, valid for longer than any run.
+    pub fn token(&self, user: &str) -> anyhow::Result<String> {
+        Ok(self.auth.issue(user, Duration::from_secs(3600))?)
+    }
+
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        self.client_named("pgrelay_bench").await
+    }
+
+    /// A client that pg_stat_activity shows under `application_name`.
+    pub async fn client_named(&self, application_name: &str) -> anyhow::Result<Client> {
+        let mut config: tokio_postgres::Config = self.url.parse()?;
+        config.application_name(application_name);
+        let (c, conn) = config.connect(NoTls).await?;
+        tokio::spawn(conn);
+        Ok(c)
+    }
+
+    /// Projects `p1`..`pN`, each with every one of `members`.
+    pub async fn seed_projects(&self, projects: usize, members: &[String]) -> anyhow::Result<()> {
+        let c = self.client().await?;
+        c.execute(
+            "INSERT INTO chat.projects (id, name) SELECT 'p' || g, 'bench ' || g FROM generate_series(1, $1::int) g",
+            &[&(projects as i32)],
+        )
+        .await?;
+        c.execute(
+            "INSERT INTO chat.project_members (project_id, user_id)
+             SELECT 'p' || g, u FROM generate_series(1, $1::int) g, unnest($2::text[]) u",
+            &[&(projects as i32), &members],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Starts measuring the CPU the relay and Postgres use from now on.
+    pub fn cpu_meter(&self) -> CpuMeter<'_> {
+        CpuMeter {
+            relay: &self.relay,
+            relay_start: self.relay.cpu_seconds(),
+            postgres_start: postgres_cpu_seconds(),
+        }
+    }
+
+    /// Stops the relay (SIGTERM, a graceful shutdown), then Postgres.
+    pub fn stop(self) -> anyhow::Result<()> {
+        let Env { relay, pg, .. } = self;
+        relay.terminate()?;
+        drop(pg);
+        Ok(())
+    }
+}
+
+/// CPU used since [`Env::cpu_meter`] by the relay process and by Postgres.
+pub struct CpuMeter<'a> {
+    relay: &'a RelayProcess,
+    relay_start: f64,
+    postgres_start: f64,
+}
+
+impl CpuMeter<'_> {
+    /// Cores used on average over a window of `seconds`: (relay, Postgres).
+    pub fn cores(&self, seconds: f64) -> (f64, f64) {
+        (
+            (self.relay.cpu_seconds() - self.relay_start) / seconds,
+            (postgres_cpu_seconds() - self.postgres_start) / seconds,
+        )
+    }
+}

@@ -1,0 +1,180 @@
+//! Commit-to-receive latency at a fixed write rate: the relay's WebSocket
+//! subscribers against a direct LISTEN connection, the floor no NOTIFY-based
+//! relay can beat, both timing the same writes with the same clock.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+use testkit::listen::{Notice, Notices};
+use testkit::now_us;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::env::Env;
+use crate::report::{latency_svg, machine, Outcome};
+use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles, ratio};
+use crate::subscriber::{self, sent_us};
+
+const INSERT: &str =
+    "INSERT INTO chat.messages (id, project_id, sender_id, body) VALUES ($1, $2, 'w', $3)";
+
+pub async fn run(
+    env: &Env,
+    subscribers: usize,
+    projects: usize,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<Outcome> {
+    let (shared, subs) = subscriber::start(env, subscribers, projects).await?;
+    let base_hist = Arc::new(Mutex::new(latency_histogram()?));
+    let notices = Notices::listen(&env.url, "cache_invalidate").await?;
+    let baseline = tokio::spawn(baseline_listener(
+        notices,
+        base_hist.clone(),
+        shared.measuring.clone(),
+        shared.stop.clone(),
+    ));
+
+    // Writers at a fixed total rate: 4 connections, each paced.
+    let writers = 4usize;
+    let per_writer_interval = Duration::from_secs_f64(writers as f64 / rate as f64);
+    let warmup = Duration::from_secs(2);
+    let total = warmup + Duration::from_secs(seconds);
+    let written = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let client = env.client().await?;
+        let written = written.clone();
+        let body = "x".repeat(150);
+        tasks.push(tokio::spawn(async move {
+            let stmt = client.prepare(INSERT).await?;
+            let mut tick = tokio::time::interval(per_writer_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let end = Instant::now() + total;
+            let mut n = 0u64;
+            while Instant::now() < end {
+                tick.tick().await;
+                let project = format!("p{}", (n as usize * writers + w) % projects + 1);
+                insert_one(&client, &stmt, &project, w, n, &body).await?;
+                n += 1;
+                written.fetch_add(1, Relaxed);
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    tokio::time::sleep(warmup).await;
+    let cpu = env.cpu_meter();
+    let written0 = written.load(Relaxed);
+    shared.measuring.store(true, Relaxed);
+    let t0 = Instant::now();
+    for t in tasks {
+        t.await??;
+    }
+    shared.measuring.store(false, Relaxed);
+    let window = t0.elapsed().as_secs_f64();
+    let written_window = written.load(Relaxed) - written0;
+    let (cpu_relay, cpu_pg) = cpu.cores(window);
+    // Let the tail arrive, then stop.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    shared.stop.cancel();
+    let total_written = written.load(Relaxed);
+    // Each subscriber should have every event of its project.
+    let totals = subscriber::join_all(subs).await?;
+    let expected = total_written * (subscribers as u64) / (projects as u64);
+    let lost = expected.saturating_sub(totals.received);
+    baseline.await??;
+    let relay_h = shared.histogram()?;
+    let base_h = base_hist
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    let deliveries_per_s = shared.delivered.load(Relaxed) as f64 / window;
+    let name = format!("latency-{subscribers}x{rate}");
+    let p50_delta_ms =
+        (relay_h.value_at_quantile(0.5) as f64 - base_h.value_at_quantile(0.5) as f64) / 1000.0;
+    let result = json!({
+        "scenario": "latency",
+        "subscribers": subscribers, "projects": projects, "rate_events_per_s": rate, "seconds": seconds,
+        "events_written": total_written, "events_in_window": written_window,
+        "deliveries_per_s": deliveries_per_s.round(),
+        "relay": percentiles(&relay_h),
+        "baseline_listen": percentiles(&base_h),
+        "p50_minus_baseline_ms": (p50_delta_ms * 1000.0).round() / 1000.0,
+        "p50_ratio": ratio(relay_h.value_at_quantile(0.5), base_h.value_at_quantile(0.5)),
+        "p99_ratio": ratio(relay_h.value_at_quantile(0.99), base_h.value_at_quantile(0.99)),
+        "lost": lost, "duplicates": totals.duplicates, "out_of_order": totals.out_of_order,
+        "relay_cpu_cores": (cpu_relay * 100.0).round() / 100.0,
+        "postgres_cpu_cores": (cpu_pg * 100.0).round() / 100.0,
+        "machine": machine(),
+    });
+    let markdown = format!(
+        "### Latency: {subscribers} subscribers, {projects} project(s), {rate} events/s\n\n\
+         | | p50 | p90 | p99 | p99.9 | max |\n| --- | --- | --- | --- | --- | --- |\n\
+         | relay (WebSocket) | {} | {} | {} | {} | {} |\n| baseline (direct LISTEN) | {} | {} | {} | {} | {} |\n\n\
+         Milliseconds from the writer's send to receipt. Deliveries/s {:.0}; lost {lost}, duplicated {}, out of order {}; \
+         relay CPU {:.2} cores, Postgres CPU {:.2} cores.\n",
+        ms_cell(&relay_h, 0.5), ms_cell(&relay_h, 0.9), ms_cell(&relay_h, 0.99), ms_cell(&relay_h, 0.999), ms_max(&relay_h),
+        ms_cell(&base_h, 0.5), ms_cell(&base_h, 0.9), ms_cell(&base_h, 0.99), ms_cell(&base_h, 0.999), ms_max(&base_h),
+        deliveries_per_s, totals.duplicates, totals.out_of_order, cpu_relay, cpu_pg,
+    );
+    let svg = latency_svg(&name, &[("relay", &relay_h), ("direct LISTEN", &base_h)]);
+    Ok(Outcome {
+        name,
+        json: result,
+        markdown,
+        svg: Some(svg),
+    })
+}
+
+/// The baseline: LISTEN straight on Postgres, same writes, same clock.
+/// Each notice was stamped as it came off the connection.
+async fn baseline_listener(
+    mut notices: Notices,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    measuring: Arc<AtomicBool>,
+    stop: CancellationToken,
+) -> anyhow::Result<u64> {
+    let mut local = latency_histogram()?;
+    let mut count = 0;
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
+    loop {
+        let next = tokio::select! {
+            biased;
+            n = notices.rx.recv() => n,
+            _ = &mut stopped => break,
+        };
+        match next {
+            None => break,
+            Some(Notice { at_us, payload }) => {
+                if measuring.load(Relaxed) {
+                    if let Some(sent) = sent_us(&payload) {
+                        let _ = local.record(at_us.saturating_sub(sent).max(1));
+                        count += 1;
+                    }
+                }
+            }
+        }
+    }
+    hist.lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .add(&local)?;
+    Ok(count)
+}
+
+/// Inserts one message whose id starts with its send time.
+async fn insert_one(
+    c: &Client,
+    stmt: &tokio_postgres::Statement,
+    project: &str,
+    writer: usize,
+    n: u64,
+    body: &str,
+) -> anyhow::Result<()> {
+    let id = format!("{}-{writer}-{n}", now_us());
+    c.execute(stmt, &[&id, &project, &body]).await?;
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! pgrelay-bench: the numbers a realtime relay is judged by, measured
+//! against a baseline taken in the same run.
+//!
+//! Each scenario starts a private Postgres and the relay as a separate
+//! process (this binary re-executed in `relay` mode, running the same
+//! `server::start` as `pgrelay serve`), so the relay's CPU and memory are
+//! its own; the load generator runs here, on the same cores. Everything
+//! talks over 127.0.0.1 and every loop is bounded in count and time.
+//!
+//! The writer puts its send time (microseconds since the epoch) at the
+//! start of each row's id, which both the NOTIFY notice and the event frame
+//! carry, so a direct LISTEN client (the floor no NOTIFY-based relay can
+//! beat) and the relay's WebSocket clients measure the same interval.
+//!
+//! # Layout
+//!
+//! - One file per scenario: [`latency`], [`saturation`], [`connections`],
+//!   [`write_cost`]; each returns a [`report::Outcome`].
+//! - What they share: [`env`] (the private Postgres, the relay process,
+//!   database clients, CPU meters), [`subscriber`] (a WebSocket subscriber
+//!   that records latency and order), [`stats`] (histograms and
+//!   percentiles), [`report`] (JSON, Markdown and SVG results).
+//! - [`relay`]: the relay process itself (the hidden `relay` mode).
+//! - The clients (WebSocket, LISTEN, HTTP, the child process, `/proc`) are
+//!   the `testkit` crate's, the same the tests use.
+
+mod connections;
+mod env;
+mod latency;
+mod relay;
+mod report;
+mod saturation;
+mod stats;
+mod subscriber;
+mod write_cost;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "pgrelay-bench",
+    about = "Benchmarks of pgrelay against a direct-LISTEN baseline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// Where results (JSON, Markdown, SVG) are written.
+    #[arg(long, default_value = "bench/results", global = true)]
+    out: PathBuf,
+}
+
+#[derive(Subcommand, Clone)]
+enum Scenario {
+    /// Commit-to-receive latency at a fixed write rate, relay vs direct LISTEN.
+    Latency {
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1)]
+        projects: usize,
+        /// Events per second, over all projects.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Writers as fast as they can: sustained deliveries per second.
+    Saturation {
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 1)]
+        projects: usize,
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Idle subscribed WebSockets: resident memory per connection.
+    Connections {
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+    },
+    /// What capture costs writers: captured vs uncaptured inserts.
+    WriteCost {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Runs the relay for the other scenarios (internal).
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        database_url: String,
+        #[arg(long)]
+        listen: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Scenario::Relay {
+        database_url,
+        listen,
+    } = &cli.scenario
+    {
+        return relay::run(database_url, listen);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let env = env::Env::start().await?;
+        let result = match cli.scenario.clone() {
+            Scenario::Latency {
+                subscribers,
+                projects,
+                rate,
+                seconds,
+            } => latency::run(&env, subscribers, projects, rate, seconds).await?,
+            Scenario::Saturation {
+                subscribers,
+                projects,
+                writers,
+                seconds,
+            } => saturation::run(&env, subscribers, projects, writers, seconds).await?,
+            Scenario::Connections { count } => connections::run(&env, count).await?,
+            Scenario::WriteCost { seconds } => write_cost::run(&env, seconds).await?,
+            Scenario::Relay { .. } => unreachable!("handled above"),
+        };
+        report::write(&cli.out, &result)?;
+        println!("{}", serde_json::to_string_pretty(&result.json)?);
+        env.stop()?;
+        Ok(())
+    })
+}
