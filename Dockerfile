@@ -18,11 +18,13 @@ FROM rust:1-bookworm AS builder
 WORKDIR /build
 
 # Everything `cargo build --bin pgrelay` reads: the manifest and lock file,
-# the sources, and migrations/ (embedded at compile time by refinery's
-# embed_migrations! and include_str!).
+# the sources, migrations/ (embedded at compile time by refinery's
+# embed_migrations! and include_str!), and crates/ (the workspace's other
+# members, which the manifest names).
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
+COPY crates ./crates
 
 # BuildKit cache mounts keep the crate registry and compiled dependencies
 # between builds. target/ is a cache mount, so the binary is copied out of it
