@@ -19,12 +19,14 @@ WORKDIR /build
 
 # Everything `cargo build --bin pgrelay` reads: the manifest and lock file,
 # the sources, migrations/ (embedded at compile time by refinery's
-# embed_migrations! and include_str!), and crates/ (the workspace's other
-# members, which the manifest names).
+# embed_migrations! and include_str!), crates/ (the workspace's other
+# members, which the manifest names), and the JavaScript SDK's sources,
+# which the relay embeds and serves at /client.js.
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY migrations ./migrations
 COPY crates ./crates
+COPY clients/js/src ./clients/js/src
 
 # BuildKit cache mounts keep the crate registry and compiled dependencies
 # between builds. target/ is a cache mount, so the binary is copied out of it
