@@ -67,6 +67,20 @@ pub struct RelayConfig {
     /// without an Origin header (non-browsers) are always allowed.
     pub allowed_origins: Vec<String>,
     pub max_concurrent_backfills: usize,
+    /// Catch-up data (batches read from the log for clients behind the
+    /// ring, not yet written) all sessions may hold together, in bytes.
+    pub catchup_budget_bytes: usize,
+    /// Open TCP connections, HTTP and WebSocket; more get 503.
+    pub max_connections: usize,
+    /// Connections not (yet) upgraded to a WebSocket (reading a request,
+    /// being answered, idle between requests); more get 503.
+    pub max_pending_connections: usize,
+    /// Time for a request head to arrive (and for the next one on an idle
+    /// keep-alive connection), for a `/v1` body, and for an upgrade to
+    /// complete after its 101.
+    pub http_read_timeout: Duration,
+    /// Time for the first WebSocket frame after the upgrade.
+    pub first_frame_timeout: Duration,
     /// HTTP API requests per second per user (twice that in a burst).
     pub api_requests_per_second: u32,
     /// Database connections for reads (not counting the LISTEN one).
@@ -110,6 +124,11 @@ impl RelayConfig {
             max_frames_per_second: 50,
             allowed_origins: Vec::new(),
             max_concurrent_backfills: 8,
+            catchup_budget_bytes: 64 << 20,
+            max_connections: 10_000,
+            max_pending_connections: 1_024,
+            http_read_timeout: Duration::from_secs(10),
+            first_frame_timeout: Duration::from_secs(10),
             api_requests_per_second: 50,
             pool_size: 16,
             read_rows: 500,
@@ -174,6 +193,23 @@ pub struct ServeArgs {
     /// Concurrent catch-up reads of the event log.
     #[arg(long, env = "PGRELAY_MAX_BACKFILLS", default_value_t = 8)]
     pub max_backfills: usize,
+    /// Catch-up data all lagging clients may hold together (batches read
+    /// from the log, not yet written), e.g. 64MiB.
+    #[arg(long, env = "PGRELAY_CATCHUP_BUDGET", default_value = "64MiB", value_parser = parse_bytes)]
+    pub catchup_budget: usize,
+    /// Open TCP connections (HTTP and WebSocket); more get 503.
+    #[arg(long, env = "PGRELAY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Connections not (yet) upgraded to a WebSocket; more get 503.
+    #[arg(long, env = "PGRELAY_MAX_PENDING_CONNECTIONS", default_value_t = 1_024)]
+    pub max_pending_connections: usize,
+    /// Time for a request head (and an idle keep-alive connection's next
+    /// one), a /v1 body, and an upgrade after its 101.
+    #[arg(long, env = "PGRELAY_HTTP_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http_read_timeout: Duration,
+    /// Time for a WebSocket's first frame after the upgrade.
+    #[arg(long, env = "PGRELAY_FIRST_FRAME_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub first_frame_timeout: Duration,
     /// Comma-separated browser origins allowed to connect (default: any).
     #[arg(long, env = "PGRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -284,6 +320,11 @@ impl ServeArgs {
         config.max_connections_per_user = self.max_connections_per_user;
         config.max_frames_per_second = self.max_frames_per_second;
         config.max_concurrent_backfills = self.max_backfills;
+        config.catchup_budget_bytes = self.catchup_budget;
+        config.max_connections = self.max_connections;
+        config.max_pending_connections = self.max_pending_connections;
+        config.http_read_timeout = self.http_read_timeout;
+        config.first_frame_timeout = self.first_frame_timeout;
         config.allowed_origins = self.allowed_origins.clone();
         config.membership_resources = self.membership_resources.clone();
         config.reauthorize_interval =
@@ -345,9 +386,43 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is too long a duration"))
 }
 
+/// Sizes as people write them: `65536`, `512KiB`, `64MiB`, `1GiB` (a bare
+/// number is bytes; `K`, `M`, `G` and `KB`, `MB`, `GB` are read as binary
+/// units too).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 65536, 512KiB or 64MiB"))?;
+    let scale: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("unknown unit {unit:?}; use KiB, MiB or GiB")),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large a size"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_and_overflow_is_refused() {
+        assert_eq!(parse_bytes("65536"), Ok(65536));
+        assert_eq!(parse_bytes("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("99999999999999999999GiB").is_err());
+        assert_eq!(ServeArgs::parse_from(["serve"]).catchup_budget, 64 << 20);
+    }
 
     #[test]
     fn durations_parse_and_overflow_is_refused() {

@@ -122,6 +122,66 @@ pub struct Metrics {
     pub oldest_event_age_ms: AtomicI64,
     /// Commit-to-send delay of event frames.
     pub delivery_delay: Histogram,
+    /// Size of the relay-wide catch-up budget, in bytes.
+    pub catchup_budget_bytes: AtomicI64,
+    /// Catch-up bytes reserved right now (batches read from the log and
+    /// not yet written).
+    pub catchup_bytes: AtomicI64,
+    /// Catch-up reads that waited because the budget was spent.
+    pub catchup_deferred: AtomicU64,
+    /// Times a session found its socket full and waited for it to drain
+    /// (letting go of the frames it had not written: they are read again
+    /// once the socket drains).
+    pub socket_full: AtomicU64,
+    /// Sessions waiting right now for their socket to drain.
+    pub sessions_waiting: AtomicI64,
+    /// Open TCP connections (HTTP and WebSocket).
+    pub tcp_connections: AtomicI64,
+    /// Connections not (yet) upgraded to a WebSocket.
+    pub pending_connections: AtomicI64,
+    /// Connections refused with 503 because a connection cap was reached.
+    pub over_capacity: AtomicU64,
+    /// Connections closed because a stage took too long, by stage.
+    pub timeouts: Timeouts,
+}
+
+/// Connections closed for taking too long, one counter per stage.
+#[derive(Default)]
+pub struct Timeouts {
+    /// The request head (or, on an idle keep-alive connection, the next
+    /// one) did not arrive in time.
+    pub head: AtomicU64,
+    /// A `/v1` request body did not arrive in time.
+    pub body: AtomicU64,
+    /// The upgrade did not complete in time after the 101 response.
+    pub upgrade: AtomicU64,
+    /// No frame arrived in time after the upgrade.
+    pub first_frame: AtomicU64,
+    /// An HTTP response was not taken by the peer in time.
+    pub write: AtomicU64,
+}
+
+impl Timeouts {
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP pgrelay_timeouts_total Connections closed because a stage took too long.\n\
+             # TYPE pgrelay_timeouts_total counter"
+        );
+        for (stage, value) in [
+            ("head", &self.head),
+            ("body", &self.body),
+            ("upgrade", &self.upgrade),
+            ("first_frame", &self.first_frame),
+            ("write", &self.write),
+        ] {
+            let _ = writeln!(
+                out,
+                "pgrelay_timeouts_total{{stage=\"{stage}\"}} {}",
+                value.load(Relaxed)
+            );
+        }
+    }
 }
 
 impl Metrics {
@@ -138,7 +198,32 @@ impl Metrics {
     /// `pg_notification_queue_usage()`, read at scrape time.
     pub fn render(&self, queue_usage: Option<f64>) -> String {
         let mut out = String::with_capacity(4096);
-        let gauges: [(&str, &AtomicI64, &str); 5] = [
+        let gauges: [(&str, &AtomicI64, &str); 10] = [
+            (
+                "sessions_waiting",
+                &self.sessions_waiting,
+                "Sessions waiting now for their socket to drain, holding no frames.",
+            ),
+            (
+                "catchup_budget_bytes",
+                &self.catchup_budget_bytes,
+                "Size of the relay-wide budget for catch-up data, in bytes.",
+            ),
+            (
+                "catchup_bytes",
+                &self.catchup_bytes,
+                "Catch-up bytes held now: batches read from the log and not yet written.",
+            ),
+            (
+                "tcp_connections",
+                &self.tcp_connections,
+                "Open TCP connections, HTTP and WebSocket.",
+            ),
+            (
+                "pending_connections",
+                &self.pending_connections,
+                "Connections not (yet) upgraded to a WebSocket.",
+            ),
             (
                 "retention_leader",
                 &self.retention_leader,
@@ -198,7 +283,22 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &AtomicU64, &str); 15] = [
+        let counters: [(&str, &AtomicU64, &str); 18] = [
+            (
+                "catchup_deferred_total",
+                &self.catchup_deferred,
+                "Catch-up reads that waited because the catch-up budget was spent.",
+            ),
+            (
+                "socket_full_total",
+                &self.socket_full,
+                "Times a session found its socket full and waited for it to drain.",
+            ),
+            (
+                "over_capacity_total",
+                &self.over_capacity,
+                "Connections refused with 503 because a connection cap was reached.",
+            ),
             (
                 "retention_runs_total",
                 &self.retention_runs,
@@ -278,6 +378,7 @@ impl Metrics {
                 value.load(Relaxed)
             );
         }
+        self.timeouts.render(&mut out);
         self.delivery_delay.render(
             &mut out,
             "pgrelay_delivery_delay_seconds",

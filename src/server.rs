@@ -15,8 +15,10 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{AuthError, Authenticator};
 use crate::config::RelayConfig;
 use crate::http::api::Api;
+use crate::http::connection::{Admission, ConnectionLimits};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
+use crate::relay::budget::CatchupBudget;
 use crate::relay::hub::{Hub, HubLimits};
 use crate::relay::listener::{self, ListenerConfig};
 use crate::relay::log::{EventLog, LogError, ReadLimits};
@@ -122,6 +124,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         log,
         metrics: metrics.clone(),
         backfills: Semaphore::new(config.max_concurrent_backfills.max(1)),
+        budget: CatchupBudget::new(config.catchup_budget_bytes, metrics.clone()),
         auth,
         limits: SessionLimits {
             ping_interval: config.ping_interval,
@@ -134,6 +137,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
             max_frames_per_second: config.max_frames_per_second,
             reauthorize_interval: config.reauthorize_interval,
             authorize_timeout: config.authorize_timeout,
+            first_frame_timeout: config.first_frame_timeout,
         },
     });
     let websockets = TaskTracker::new();
@@ -141,6 +145,8 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         sessions.log.clone(),
         sessions.auth.clone(),
         config.api_requests_per_second,
+        config.http_read_timeout,
+        metrics.clone(),
     );
     let state = Arc::new(HttpState {
         api,
@@ -153,6 +159,15 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         max_frame_bytes: config.max_frame_bytes,
         shutdown: shutdown.clone(),
         tasks: websockets.clone(),
+        admission: Admission::new(
+            ConnectionLimits {
+                max_connections: config.max_connections,
+                max_pending: config.max_pending_connections,
+                write_timeout: config.pong_timeout,
+            },
+            metrics.clone(),
+        ),
+        http_read_timeout: config.http_read_timeout,
     });
     let grace = config.shutdown_grace;
     let token = shutdown.clone();

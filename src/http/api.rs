@@ -9,8 +9,9 @@
 //! function calls, so subscribers cannot tell them apart.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -23,6 +24,7 @@ use tokio_postgres::types::ToSql;
 use crate::auth::{AuthError, Authenticator};
 use crate::http::request::{percent_decode, token_from_request};
 use crate::http::response::{json_error, json_response, Body};
+use crate::metrics::Metrics;
 use crate::relay::log::EventLog;
 
 /// Largest request body accepted.
@@ -40,6 +42,9 @@ pub struct Api {
     /// Requests per second per user (twice that in a burst).
     pub requests_per_second: u32,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// Time for a request body to arrive whole (408 beyond it).
+    body_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 /// A request that cannot be served, as a status and a JSON error body.
@@ -177,12 +182,39 @@ fn sql_error(e: tokio_postgres::Error) -> ApiError {
 }
 
 impl Api {
-    pub fn new(log: EventLog, auth: Authenticator, requests_per_second: u32) -> Self {
+    pub fn new(
+        log: EventLog,
+        auth: Authenticator,
+        requests_per_second: u32,
+        body_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Api {
             log,
             auth,
             requests_per_second: requests_per_second.max(1),
             buckets: Mutex::new(HashMap::new()),
+            body_timeout,
+            metrics,
+        }
+    }
+
+    /// Reads a JSON object body, bounded in size and in time: a body
+    /// trickled in slower than `body_timeout` gets 408.
+    async fn read_json(&self, req: Request<Incoming>) -> Result<Map<String, Value>, ApiError> {
+        match tokio::time::timeout(self.body_timeout, read_json(req)).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.metrics.timeouts.body.fetch_add(1, Relaxed);
+                Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {} s",
+                        self.body_timeout.as_secs()
+                    ),
+                ))
+            }
         }
     }
 
@@ -234,11 +266,11 @@ impl Api {
             (Method::GET, ["projects"]) => self.list_projects(&user).await,
             (Method::GET, ["projects", p, "messages"]) => self.page(&user, p, &query).await,
             (Method::POST, ["projects", p, "messages"]) => {
-                let body = read_json(req).await?;
+                let body = self.read_json(req).await?;
                 self.send(&user, p, &body).await
             }
             (Method::POST, ["projects", p, mark @ ("delivered" | "read")]) => {
-                let body = read_json(req).await?;
+                let body = self.read_json(req).await?;
                 self.mark(&user, p, mark, &body).await
             }
             (Method::GET, ["projects", p, "unread"]) => {
@@ -260,7 +292,7 @@ impl Api {
                 ))
             }
             (Method::PATCH, ["messages", id]) => {
-                let body = read_json(req).await?;
+                let body = self.read_json(req).await?;
                 self.edit(&user, id, &body).await
             }
             (Method::DELETE, ["messages", id]) => self.delete(&user, id, &query).await,

@@ -4,9 +4,16 @@
 //! JavaScript client SDK at `/client.js` ([`sdk`]) and the chat API under
 //! `/v1` ([`api`]); and the accept loop that serves them.
 //! Every error is a JSON body with a status ([`response`]), never an empty
-//! reply.
+//! reply. [`connection`] admits, counts and bounds each TCP connection.
+//!
+//! HTTP/1.1 only. WebSockets are served by the HTTP/1.1 upgrade (RFC 6455);
+//! browsers speak HTTP/2 only over TLS, which a proxy in front terminates,
+//! and WebSockets over HTTP/2 (RFC 8441) would be a second handshake to
+//! bound and test for no client that needs it. A connection that opens
+//! with the HTTP/2 preface is closed at once.
 
 pub mod api;
+pub mod connection;
 pub mod demo;
 pub mod request;
 pub mod response;
@@ -22,11 +29,10 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -34,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::api::Api;
+use crate::http::connection::Admission;
 use crate::http::response::{json_error, json_response, Body};
 use crate::metrics::Metrics;
 use crate::relay::session::SessionContext;
@@ -56,6 +63,10 @@ pub struct HttpState {
     pub shutdown: CancellationToken,
     /// Tracks upgraded connections, which hyper no longer tracks.
     pub tasks: TaskTracker,
+    /// The connection caps, checked at accept.
+    pub admission: Admission,
+    /// Time for a request head, a `/v1` body, and an upgrade.
+    pub http_read_timeout: Duration,
 }
 
 pub async fn handle(
@@ -120,10 +131,19 @@ async fn metrics(state: &HttpState) -> Response<Body> {
 }
 
 /// Accepts connections until shutdown, then lets plain HTTP requests in
-/// flight finish.
+/// flight finish (at most 5 s).
+///
+/// Each connection is admitted against the caps first (503 beyond them).
+/// hyper's timer bounds the request head: it must arrive within
+/// `http_read_timeout` of the connection's first read, and on an idle
+/// keep-alive connection the next head within the same time, else the
+/// connection is closed without an answer.
 pub async fn serve(socket: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.http_read_timeout);
+    let connections = TaskTracker::new();
     loop {
         let (stream, _peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -138,16 +158,44 @@ pub async fn serve(socket: TcpListener, state: Arc<HttpState>, shutdown: Cancell
             },
         };
         let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let service = service_fn(move |req| handle(req, state.clone()));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        let Some((io, pending)) = state.admission.admit(stream) else {
+            continue;
+        };
+        let upgraded = io.upgraded_flag();
+        let service = {
+            let state = state.clone();
+            service_fn(move |req| handle(req, state.clone()))
+        };
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        let metrics = state.metrics.clone();
+        connections.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().await
+                }
+            };
+            // Upgraded (the session has the socket now) or closed: either
+            // way no longer a pending connection.
+            upgraded.store(true, std::sync::atomic::Ordering::Relaxed);
+            drop(pending);
+            if let Err(e) = result {
+                if e.is_timeout() {
+                    metrics
+                        .timeouts
+                        .head
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });
     }
     drop(socket);
-    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
 }

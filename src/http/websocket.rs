@@ -82,10 +82,17 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<B
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state2 = state.clone();
     state.tasks.spawn(async move {
-        let upgraded = match on_upgrade.await {
-            Ok(u) => u,
-            Err(e) => {
+        // hyper hands the socket over once the 101 is written; a peer that
+        // does not take it in time is dropped.
+        let upgraded = match tokio::time::timeout(state2.http_read_timeout, on_upgrade).await {
+            Ok(Ok(u)) => u,
+            Ok(Err(e)) => {
                 tracing::debug!(error = %e, "WebSocket upgrade failed");
+                return;
+            }
+            Err(_) => {
+                state2.metrics.timeouts.upgrade.fetch_add(1, Relaxed);
+                tracing::debug!("WebSocket upgrade did not complete in time");
                 return;
             }
         };
@@ -93,8 +100,15 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<B
         // clients send small control frames, so 4 KiB (not tungstenite's
         // 128 KiB) keeps an idle connection cheap. Larger frames still
         // arrive whole: the buffer only sizes each socket read.
+        //
+        // The write buffer keeps its largest size for as long as the
+        // connection lives, and a session fills it before it waits on a
+        // full socket: 32 KiB (not tungstenite's 128 KiB) keeps that cost
+        // per connection small. Frames are written out whenever it fills,
+        // so larger frames and bursts only take more write calls.
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
+            .write_buffer_size(32 * 1024)
             .max_message_size(Some(state2.max_frame_bytes))
             .max_frame_size(Some(state2.max_frame_bytes));
         let ws =
