@@ -15,7 +15,7 @@
 //! # Layout
 //!
 //! - One file per scenario: [`latency`], [`saturation`], [`connections`],
-//!   [`write_cost`]; each returns a [`report::Outcome`].
+//!   [`write_cost`], [`stalled`]; each returns a [`report::Outcome`].
 //! - What they share: [`env`] (the private Postgres, the relay process,
 //!   database clients, CPU meters), [`subscriber`] (a WebSocket subscriber
 //!   that records latency and order), [`stats`] (histograms and
@@ -30,6 +30,7 @@ mod latency;
 mod relay;
 mod report;
 mod saturation;
+mod stalled;
 mod stats;
 mod subscriber;
 mod write_cost;
@@ -92,6 +93,32 @@ enum Scenario {
         #[arg(long, default_value_t = 10_000)]
         count: usize,
     },
+    /// Resumers that subscribe from seq 0 and never read: the relay's
+    /// RSS against their number, and after they leave (G7). Each crowd
+    /// size runs against a fresh `pgrelay serve` process.
+    Stalled {
+        /// Crowd sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "50,100,200,300")]
+        counts: Vec<usize>,
+        /// Events in the project's history.
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        /// Size of each event's message body, in bytes.
+        #[arg(long, default_value_t = 8000)]
+        row_bytes: usize,
+        /// The `pgrelay` binary to measure, e.g. a build of another
+        /// commit; default: the one beside this binary.
+        #[arg(long)]
+        relay_bin: Option<PathBuf>,
+        /// Seconds the crowd stays connected at least while RSS is
+        /// sampled; then until RSS has not grown for 3 s (at most 120 s).
+        #[arg(long, default_value_t = 5)]
+        settle_seconds: u64,
+        /// Receive buffer of each stalled client's socket (spares this
+        /// shared machine's kernel memory; the relay's side is untouched).
+        #[arg(long, default_value_t = 65_536)]
+        client_rcvbuf: u32,
+    },
     /// What capture costs writers: captured vs uncaptured inserts.
     WriteCost {
         #[arg(long, default_value_t = 5)]
@@ -137,6 +164,31 @@ fn main() -> anyhow::Result<()> {
             } => saturation::run(&env, subscribers, projects, writers, seconds).await?,
             Scenario::Connections { count } => connections::run(&env, count).await?,
             Scenario::WriteCost { seconds } => write_cost::run(&env, seconds).await?,
+            Scenario::Stalled {
+                counts,
+                events,
+                row_bytes,
+                relay_bin,
+                settle_seconds,
+                client_rcvbuf,
+            } => {
+                let relay_bin = match relay_bin {
+                    Some(bin) => bin,
+                    None => std::env::current_exe()?
+                        .parent()
+                        .context("the bench binary's directory")?
+                        .join("pgrelay"),
+                };
+                let opts = stalled::Options {
+                    counts,
+                    events,
+                    row_bytes,
+                    relay_bin,
+                    settle: std::time::Duration::from_secs(settle_seconds),
+                    client_rcvbuf,
+                };
+                stalled::run(&env, &opts).await?
+            }
             Scenario::Relay { .. } => unreachable!("handled above"),
         };
         report::write(&cli.out, &result)?;
