@@ -24,10 +24,15 @@
 //!     subscribers; the fetcher that reads many dirty topics per query; the
 //!     poller.
 //!   - [`relay::session`]: one WebSocket: subscriptions, cursors, catch-up
-//!     from the log for clients that fall behind.
+//!     from the log for clients that fall behind, written only while the
+//!     socket takes bytes. [`relay::budget`] bounds the catch-up data all
+//!     sessions hold together.
 //!   - [`relay::protocol`]: client frames in, control frames out, close
 //!     codes.
-//! - [`http`]: the edges. The router and accept loop, [`http::websocket`]
+//! - [`http`]: the edges. The router and accept loop (HTTP/1.1, with a
+//!   time limit on the request head), [`http::connection`] (the connection
+//!   caps, the 503 beyond them, the deadline on untaken responses),
+//!   [`http::websocket`]
 //!   (the `/ws` handshake), [`http::api`] (the chat API under `/v1`),
 //!   [`http::demo`] (the page at `/`), [`http::sdk`] (the JavaScript client
 //!   SDK of `clients/js` at `/client.js`), and the helpers every route shares

@@ -374,7 +374,31 @@ async fn a_crowd_arrives_and_leaves_and_memory_goes_back() {
     let users: Vec<String> = (0..50).map(|i| format!("c{i}")).collect();
     let members: Vec<&str> = users.iter().map(String::as_str).collect();
     seed_project(&c, "p", &members).await;
+    // Started with a low soft limit on open files (as systemd gives
+    // services): the relay raises it to the hard limit itself.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    let low = hard.min(1024);
+    setrlimit(Resource::RLIMIT_NOFILE, low, hard).expect("setrlimit");
     let relay = spawn_relay_process(&db.url, &["--max-connections-per-user", "100"]).await;
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("setrlimit");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", relay.pid())).expect("limits");
+    let open_files: Vec<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if hard != nix::sys::resource::RLIM_INFINITY {
+        assert_eq!(
+            open_files,
+            vec![hard, hard],
+            "the relay raised its open-files limit to the hard one"
+        );
+    }
     let rss_baseline = relay.rss_kib();
     const CROWD: usize = 1000;
     const BURST: u64 = 30;
