@@ -467,7 +467,8 @@ async fn a_crowd_arrives_and_leaves_and_memory_goes_back() {
     assert!(status.success(), "the relay exits cleanly: {status}");
 }
 
-/// The status line and JSON body of whatever the relay answers first.
+/// The status and JSON body of whatever the relay answers first; the
+/// head's text is checked for `retry-after` on a 503.
 async fn raw_answer(addr: SocketAddr, request: &[u8]) -> (u16, serde_json::Value) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let _ = s.write_all(request).await;
@@ -479,7 +480,13 @@ async fn raw_answer(addr: SocketAddr, request: &[u8]) -> (u16, serde_json::Value
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if status == 503 {
+        assert!(
+            head.to_ascii_lowercase().contains("\r\nretry-after: 1"),
+            "a 503 says when to retry: {head}"
+        );
+    }
     (
         status,
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
