@@ -124,6 +124,7 @@ impl PgServer {
     pub fn start(options: PgOptions) -> Result<Self, EmbeddedPgError> {
         let bin_dir = find_bin_dir()?;
         let run_as = server_user()?;
+        sweep_abandoned_work_dirs();
         let work = tempfile::Builder::new()
             .prefix("pgrelay-pg-")
             .tempdir()
@@ -478,4 +479,74 @@ fn tail(path: &Path, from: u64) -> String {
     }
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Removes the work directories of private servers whose owner died
+/// without dropping its `PgServer` (a killed `pgrelay serve`, a test binary
+/// whose shared server lives in a static): the postmaster went with its
+/// parent, but its directory stayed, about 250 MiB each. A directory is
+/// abandoned when it is older than ten minutes (never one being set up) and
+/// no live postmaster holds it (its `postmaster.pid` names no running
+/// process, or a zombie). Errors are ignored: this is housekeeping.
+fn sweep_abandoned_work_dirs() {
+    const GRACE: Duration = Duration::from_secs(600);
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("pgrelay-pg-"));
+        let old_enough = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > GRACE);
+        if is_ours && old_enough && !postmaster_alive(&path) {
+            tracing::debug!(dir = %path.display(), "removing an abandoned private server directory");
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+/// Whether a running, non-zombie postmaster holds the work directory
+/// `work`: one named by its data directory's `postmaster.pid`, or by the
+/// lock file of its socket (which is in `work` even when the data
+/// directory is elsewhere).
+fn postmaster_alive(work: &Path) -> bool {
+    let mut pid_files = vec![work.join("data").join("postmaster.pid")];
+    if let Ok(entries) = fs::read_dir(work) {
+        pid_files.extend(entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".s.PGSQL.") && n.ends_with(".lock"))
+        }));
+    }
+    pid_files.iter().any(|f| pid_file_alive(f))
+}
+
+/// Whether the PID on the first line of `file` is a running, non-zombie
+/// process.
+fn pid_file_alive(file: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(file) else {
+        return false;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
