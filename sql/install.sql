@@ -674,8 +674,92 @@ END
 $$;
 REVOKE EXECUTE ON FUNCTION relay.grant_publisher(regrole) FROM PUBLIC;
 
+-- ===== relay migration V4__divergence =====
+-- relay: G8, no silent divergence (DESIGN.md).
+--
+-- A cursor names an event, not only a number: (seq, created_at). Seqs alone
+-- repeat when the database loses history that readers already saw: after a
+-- failover to a standby that lacked the last commits, or a restore from a
+-- backup, new events take the lost seqs again. created_at is the capture
+-- time with microseconds (clock_timestamp(), a frame's "timestamp"), so two
+-- events at one (scope, seq) in two histories differ in it unless both were
+-- captured in the same microsecond. It costs capture nothing: the column,
+-- and the frame field, exist already.
+--
+-- Every statement is idempotent, like those of V1 and V3.
+
+-- Where a scope stands, with the capture time of its latest event: the
+-- cursor a new subscriber starts from. latest_time is NULL when there is no
+-- event yet, or when it was trimmed.
+CREATE OR REPLACE FUNCTION relay.scope_head(p_scope text)
+RETURNS TABLE (latest_seq bigint, trimmed_through bigint, latest_time timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT s.latest_seq, s.trimmed_through,
+           (SELECT e.created_at FROM relay.events e
+            WHERE e.scope = p_scope AND e.seq = s.latest_seq)
+    FROM relay.scope_state(p_scope) s
+$$;
+
+-- The frames of one scope after a cursor, like relay.read_frames, but only
+-- if the log still holds the event the cursor names: the single read path
+-- of the relay (live delivery, resume, gap fill), so every read checks the
+-- history it continues.
+--
+-- A cursor is unchecked (frames follow as with relay.read_frames) when it
+-- names no time (p_after_time NULL: a client that sent since_seq alone),
+-- is at seq 0, or lies in trimmed history (its event was deleted by
+-- relay.trim; the reader sees the hole and resets). Otherwise, when no
+-- event of the scope has that seq and capture time, the result is one row
+-- with the cursor's seq and a NULL frame, and nothing else: the history
+-- after the cursor is not the one its reader saw.
+-- Cost: one primary-key lookup on top of relay.read_frames. Like
+-- relay.read_frames, new functions rather than a changed return type, so a
+-- relay of an earlier version keeps reading during a rolling upgrade.
+CREATE OR REPLACE FUNCTION relay.read_frames_checked(
+    p_scope      text,
+    p_after      bigint,
+    p_after_time timestamptz,
+    p_limit      int    DEFAULT 500,
+    p_max_bytes  bigint DEFAULT 4194304
+) RETURNS TABLE (seq bigint, created_at timestamptz, resource text, frame text, membership boolean)
+LANGUAGE sql STABLE AS $$
+    WITH anchor AS (
+        SELECT p_after_time IS NULL
+            OR p_after <= 0
+            OR EXISTS (SELECT 1 FROM relay.events e
+                       WHERE e.scope = p_scope AND e.seq = p_after
+                         AND e.created_at = p_after_time)
+            OR p_after <= coalesce((SELECT h.trimmed_through FROM relay.trim_horizon h
+                                    WHERE h.scope = p_scope), 0) AS held
+    )
+    SELECT f.seq, f.created_at, f.resource, f.frame, f.membership
+    FROM anchor CROSS JOIN LATERAL relay.read_frames(p_scope, p_after, p_limit, p_max_bytes) f
+    WHERE anchor.held
+    UNION ALL
+    SELECT p_after, NULL, NULL, NULL, NULL FROM anchor WHERE NOT anchor.held
+$$;
+
+-- The same for many scopes in one round trip (each with its own cursor and
+-- limits), in scope then seq order; what the relay's fetcher reads.
+CREATE OR REPLACE FUNCTION relay.read_frames_checked_many(
+    p_scopes      text[],
+    p_after       bigint[],
+    p_after_times timestamptz[],
+    p_limit       int    DEFAULT 500,
+    p_max_bytes   bigint DEFAULT 4194304
+) RETURNS TABLE (scope text, seq bigint, created_at timestamptz, resource text, frame text,
+                 membership boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT w.scope, f.seq, f.created_at, f.resource, f.frame, f.membership
+    FROM unnest(p_scopes, p_after, p_after_times) AS w(scope, after_seq, after_time)
+    CROSS JOIN LATERAL relay.read_frames_checked(w.scope, w.after_seq, w.after_time,
+                                                 p_limit, p_max_bytes) f
+    ORDER BY w.scope, f.seq
+$$;
+
 -- ===== migration history: `pgrelay migrate` finds these applied =====
 CREATE TABLE IF NOT EXISTS refinery_schema_history(version int4 PRIMARY KEY, name varchar(255), applied_on varchar(255), checksum varchar(255));
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (1, 'relay', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '12795596339582729008') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (3, 'any_writer', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '7877633024837939909') ON CONFLICT (version) DO NOTHING;
+INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (4, 'divergence', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '11092079662318113036') ON CONFLICT (version) DO NOTHING;
 COMMIT;

@@ -37,7 +37,20 @@ impl ConfigError {
 /// Everything a relay needs to know. Defaults are the documented ones.
 #[derive(Clone)]
 pub struct RelayConfig {
+    /// The primary, for log reads, authorization and the API; may go
+    /// through a pooler (`DATABASE_URL`).
     pub database_url: String,
+    /// A direct connection (or a session-mode pooler) for LISTEN and the
+    /// session-level locks of retention; `DATABASE_URL` when `None`
+    /// (`PGRELAY_LISTEN_DATABASE_URL`).
+    pub listen_database_url: Option<String>,
+    /// `DATABASE_URL` goes through a transaction-mode pooler: the pool
+    /// sends unnamed statements and makes no session settings
+    /// (`PGRELAY_TRANSACTION_POOLER`).
+    pub transaction_pooler: bool,
+    /// Deadline of every query the relay issues; a connection that misses
+    /// it is discarded (`PGRELAY_QUERY_TIMEOUT`).
+    pub query_timeout: Duration,
     /// The NOTIFY channel (`PGRELAY_CHANNEL`).
     pub channel: String,
     /// How client tokens are checked.
@@ -107,6 +120,9 @@ impl RelayConfig {
     pub fn new(database_url: impl Into<String>, jwt_secret: impl Into<Vec<u8>>) -> Self {
         RelayConfig {
             database_url: database_url.into(),
+            listen_database_url: None,
+            transaction_pooler: false,
+            query_timeout: Duration::from_secs(5),
             channel: "cache_invalidate".into(),
             auth: AuthConfig {
                 hs256_secret: Some(jwt_secret.into()),
@@ -137,10 +153,17 @@ impl RelayConfig {
             ring_bytes: 16 << 20,
             poll_interval: Duration::from_millis(500),
             resync_interval: Duration::from_secs(10),
-            probe_interval: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
             retention: Some(RetentionConfig::default()),
         }
+    }
+
+    /// Where LISTEN and the relay's session-level locks go.
+    pub fn session_database_url(&self) -> &str {
+        self.listen_database_url
+            .as_deref()
+            .unwrap_or(&self.database_url)
     }
 }
 
@@ -148,9 +171,37 @@ impl RelayConfig {
 /// variable; `docs/configuration.md` lists them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
-    /// Database to use; without it a private Postgres is started.
+    /// Database to use; without it a private Postgres is started. May go
+    /// through a pooler (see PGRELAY_TRANSACTION_POOLER); a multi-host
+    /// URL with target_session_attrs=read-write follows a failover.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// A direct connection to the primary (or a session-mode pooler) for
+    /// LISTEN, retention's lock and migrations, when DATABASE_URL goes
+    /// through a transaction-mode pooler. Default: DATABASE_URL.
+    #[arg(long, env = "PGRELAY_LISTEN_DATABASE_URL")]
+    pub listen_database_url: Option<String>,
+    /// DATABASE_URL goes through a transaction-mode pooler (PgBouncer
+    /// pool_mode=transaction): send unnamed statements, make no session
+    /// settings.
+    #[arg(
+        long,
+        env = "PGRELAY_TRANSACTION_POOLER",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true"
+    )]
+    pub transaction_pooler: bool,
+    /// Deadline of every query; a connection that misses it is closed.
+    #[arg(long, env = "PGRELAY_QUERY_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub query_timeout: Duration,
+    /// How often the LISTEN connection proves itself.
+    #[arg(long, env = "PGRELAY_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+    /// How often subscribed projects are read while LISTEN is not proven.
+    #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
     /// Where the private Postgres keeps its data; a temporary directory
     /// (removed on exit) when not set.
     #[arg(long, env = "PGRELAY_DATA_DIR")]
@@ -315,6 +366,11 @@ impl ServeArgs {
             issuer: self.jwt_issuer.clone(),
         };
         config.channel = self.channel.clone();
+        config.listen_database_url = self.listen_database_url.clone();
+        config.transaction_pooler = self.transaction_pooler;
+        config.query_timeout = self.query_timeout;
+        config.probe_interval = self.probe_interval;
+        config.poll_interval = self.poll_interval;
         config.max_frame_bytes = self.max_frame_bytes;
         config.max_subscriptions_per_connection = self.max_subscriptions;
         config.max_connections_per_user = self.max_connections_per_user;
@@ -365,21 +421,24 @@ impl AppsArgs {
     }
 }
 
-/// Durations as people write them: `90s`, `30m`, `1h`, `7d` (a bare
-/// number is seconds).
+/// Durations as people write them: `500ms`, `90s`, `30m`, `1h`, `7d` (a
+/// bare number is seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 1h or 7d"))?;
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 90s, 30m, 1h or 7d"))?;
+    if unit == "ms" {
+        return Ok(Duration::from_millis(n));
+    }
     let scale = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => return Err(format!("unknown unit {unit:?}; use s, m, h or d")),
+        _ => return Err(format!("unknown unit {unit:?}; use ms, s, m, h or d")),
     };
     n.checked_mul(scale)
         .map(Duration::from_secs)
@@ -429,6 +488,7 @@ mod tests {
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());

@@ -121,9 +121,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let private = args.database_url.is_none();
     let database_url = match args.database_url.clone() {
         Some(url) => {
-            schema::migrate(&url, args.apps.apps())
+            // Migrations hold a session-level lock and run multi-statement
+            // transactions: never through a transaction pooler.
+            let direct = args.listen_database_url.as_deref().unwrap_or(&url);
+            schema::migrate(direct, args.apps.apps())
                 .await
-                .context("migrating DATABASE_URL")?;
+                .context("migrating the database")?;
             url
         }
         None => {

@@ -98,6 +98,11 @@ pub struct Metrics {
     pub listening: AtomicI64,
     /// `reset` frames sent.
     pub resets_sent: AtomicU64,
+    /// Topics whose ring the event log disowned (it lost history the
+    /// relay had read: a failover or a restore).
+    pub divergences: AtomicU64,
+    /// Database connections discarded because a query missed its deadline.
+    pub db_timeouts: AtomicU64,
     /// Client frames refused with an `error` frame.
     pub client_errors: AtomicU64,
     /// Subscriptions ended because a re-check found access revoked, over
@@ -283,7 +288,7 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &AtomicU64, &str); 18] = [
+        let counters: [(&str, &AtomicU64, &str); 20] = [
             (
                 "catchup_deferred_total",
                 &self.catchup_deferred,
@@ -298,6 +303,16 @@ impl Metrics {
                 "over_capacity_total",
                 &self.over_capacity,
                 "Connections refused with 503 because a connection cap was reached.",
+            ),
+            (
+                "divergences_total",
+                &self.divergences,
+                "Scopes whose history in the relay the event log no longer held (failover or restore); their subscribers were checked and reset where needed.",
+            ),
+            (
+                "db_timeouts_total",
+                &self.db_timeouts,
+                "Database connections closed because a query got no answer within the query timeout.",
             ),
             (
                 "retention_runs_total",

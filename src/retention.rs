@@ -21,6 +21,28 @@ use crate::metrics::Metrics;
 
 /// Advisory-lock key of the trimmer ("pgrelay" + 2).
 const TRIM_LOCK: i64 = 0x7067_7265_6c61_7902;
+/// Deadline of each statement of a run (a trim batch is small). One that
+/// misses it gives up the connection, and with it the lock (G6).
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a trim run stopped.
+#[derive(Debug, thiserror::Error)]
+enum TrimError {
+    #[error("{0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("no answer within {0:?}; the connection was closed")]
+    Timeout(Duration),
+}
+
+/// A statement of the trimmer, within [`STATEMENT_TIMEOUT`].
+async fn bounded<T>(
+    statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, TrimError> {
+    tokio::time::timeout(STATEMENT_TIMEOUT, statement)
+        .await
+        .map_err(|_| TrimError::Timeout(STATEMENT_TIMEOUT))?
+        .map_err(TrimError::from)
+}
 
 #[derive(Debug, Clone)]
 pub struct RetentionConfig {
@@ -93,8 +115,7 @@ async fn try_lead(database_url: &str) -> Option<Client> {
     let client = connect::single(database_url, "pgrelay-retention")
         .await
         .ok()?;
-    let row = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&TRIM_LOCK])
+    let row = bounded(client.query_one("SELECT pg_try_advisory_lock($1)", &[&TRIM_LOCK]))
         .await
         .ok()?;
     row.get::<_, bool>(0).then_some(client)
@@ -105,18 +126,17 @@ async fn trim_run(
     config: &RetentionConfig,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> Result<i64, tokio_postgres::Error> {
-    let stmt = client
-        .prepare("SELECT relay.trim($1, make_interval(secs => $2), $3)")
-        .await?;
+) -> Result<i64, TrimError> {
+    let stmt =
+        bounded(client.prepare("SELECT relay.trim($1, make_interval(secs => $2), $3)")).await?;
     let min_age = config.min_age.as_secs_f64();
     let mut total = 0;
     metrics.retention_runs.fetch_add(1, Relaxed);
     loop {
-        let deleted: i64 = client
-            .query_one(&stmt, &[&config.keep_min, &min_age, &config.batch])
-            .await?
-            .get(0);
+        let deleted: i64 =
+            bounded(client.query_one(&stmt, &[&config.keep_min, &min_age, &config.batch]))
+                .await?
+                .get(0);
         total += deleted;
         metrics
             .events_trimmed
@@ -132,16 +152,15 @@ async fn trim_run(
 /// Records how old the oldest event still in the log is. Seqs are per
 /// scope, so the age is what says how far back clients can resume; it is
 /// found with one primary-key lookup per scope, never a scan of the log.
-async fn record_oldest(client: &Client, metrics: &Metrics) -> Result<(), tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT extract(epoch FROM now() - min(first.created_at))::float8
+async fn record_oldest(client: &Client, metrics: &Metrics) -> Result<(), TrimError> {
+    let row = bounded(client.query_one(
+        "SELECT extract(epoch FROM now() - min(first.created_at))::float8
              FROM relay.scope_counter c
              CROSS JOIN LATERAL (SELECT e.created_at FROM relay.events e
                                  WHERE e.scope = c.scope ORDER BY e.seq LIMIT 1) first",
-            &[],
-        )
-        .await?;
+        &[],
+    ))
+    .await?;
     let age: Option<f64> = row.get(0);
     metrics
         .oldest_event_age_ms

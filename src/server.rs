@@ -14,13 +14,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::config::RelayConfig;
+use crate::db::connect::{self, ConnectError, PoolOptions};
+use crate::db::pool::{BoundedPool, PoolHealth, Statements};
 use crate::http::api::Api;
 use crate::http::connection::{Admission, ConnectionLimits};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::relay::budget::CatchupBudget;
 use crate::relay::hub::{Hub, HubLimits};
-use crate::relay::listener::{self, ListenerConfig};
+use crate::relay::listener::{self, ListenHealth, Listener, ListenerConfig};
 use crate::relay::log::{EventLog, LogError, ReadLimits};
 use crate::relay::session::{SessionContext, SessionLimits};
 use crate::retention;
@@ -30,6 +32,8 @@ use crate::retention;
 pub enum StartError {
     #[error("event log: {0}")]
     Log(#[from] LogError),
+    #[error("database: {0}")]
+    Connect(#[from] ConnectError),
     #[error("listening socket: {0}")]
     Socket(#[from] std::io::Error),
     #[error("{0}")]
@@ -40,6 +44,8 @@ pub enum StartError {
 pub struct RelayHandle {
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// The primary's pool, whose health `/healthz` reports.
+    pool: BoundedPool,
     listening: watch::Receiver<bool>,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
@@ -49,6 +55,11 @@ impl RelayHandle {
     /// True while the LISTEN connection is up and proven.
     pub fn is_listening(&self) -> bool {
         *self.listening.borrow()
+    }
+
+    /// Whether the pool serves reads, and its discarded connections.
+    pub fn pool_health(&self) -> &PoolHealth {
+        self.pool.health()
     }
 
     /// Waits until the LISTEN connection is up and proven.
@@ -68,12 +79,22 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
     let addr = socket.local_addr()?;
     let auth = Authenticator::new(&config.auth)?;
     let metrics = Arc::new(Metrics::default());
-    let log = EventLog::connect(
+    let statements = if config.transaction_pooler {
+        Statements::Unnamed
+    } else {
+        Statements::Prepared
+    };
+    let pool = connect::pool(
         &config.database_url,
-        config.pool_size,
-        metrics.clone(),
-        &config.membership_resources,
+        &PoolOptions {
+            name: "primary".into(),
+            size: config.pool_size,
+            query_timeout: config.query_timeout,
+            statements,
+        },
     )?;
+    let pool_handle = pool.clone();
+    let log = EventLog::new(pool, metrics.clone(), &config.membership_resources);
     let hub = Arc::new(Hub::new(
         log.clone(),
         metrics.clone(),
@@ -87,6 +108,15 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
             scopes_per_read: 64,
         },
     ));
+    // A broken pooled connection makes the hub distrust what it read
+    // before (G8). Weak: the pool lives inside the hub.
+    let weak = Arc::downgrade(&hub);
+    log.pool().on_connection_lost(Arc::new(move || {
+        if let Some(hub) = weak.upgrade() {
+            hub.suspect_all();
+        }
+    }));
+    let listen_health = Arc::new(ListenHealth::default());
     let shutdown = CancellationToken::new();
     let background = TaskTracker::new();
     let (listening_tx, listening_rx) = watch::channel(false);
@@ -99,20 +129,27 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         shutdown.clone(),
     ));
     background.spawn(listener::run(
-        ListenerConfig {
-            database_url: config.database_url.clone(),
-            channel: config.channel.clone(),
-            probe_interval: config.probe_interval,
+        Listener {
+            config: ListenerConfig {
+                database_url: config.session_database_url().to_string(),
+                channel: config.channel.clone(),
+                probe_interval: config.probe_interval,
+                poll_interval: config.poll_interval,
+            },
+            hub: hub.clone(),
+            log: log.clone(),
+            metrics: metrics.clone(),
+            health: listen_health.clone(),
         },
-        hub.clone(),
-        metrics.clone(),
         listening_tx,
         shutdown.clone(),
     ));
 
     if let Some(retention) = config.retention.clone() {
+        // The trim lock is a session-level advisory lock: it needs a
+        // session of its own, never a transaction pooler's.
         background.spawn(retention::run(
-            config.database_url.clone(),
+            config.session_database_url().to_string(),
             retention,
             metrics.clone(),
             shutdown.clone(),
@@ -156,6 +193,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         max_connections_per_user: config.max_connections_per_user,
         user_connections: Default::default(),
         listening: listening_rx.clone(),
+        listen_health,
         max_frame_bytes: config.max_frame_bytes,
         shutdown: shutdown.clone(),
         tasks: websockets.clone(),
@@ -191,6 +229,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
     Ok(RelayHandle {
         addr,
         metrics,
+        pool: pool_handle,
         listening: listening_rx,
         shutdown,
         task,

@@ -287,25 +287,32 @@ async fn a_far_future_expiry_neither_panics_nor_leaks() {
 
 /// The relay's pooled connections plan once and never JIT: with the
 /// defaults, Postgres re-planned `frames_after_many` on every read, and JIT
-/// of its generic plan cost milliseconds per read.
+/// of its generic plan cost milliseconds per read. Their statements end on
+/// the server too when the relay stops waiting for them (G6).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_use_generic_plans_without_jit() {
+    use pgrelay::db::connect::{pool, PoolOptions};
+    use pgrelay::db::pool::Statements;
     let db = TestDb::new().await;
-    let log = pgrelay::relay::log::EventLog::connect(
+    let pool = pool(
         &db.url,
-        2,
-        std::sync::Arc::new(pgrelay::metrics::Metrics::default()),
-        &[],
+        &PoolOptions {
+            name: "primary".into(),
+            size: 2,
+            query_timeout: Duration::from_secs(5),
+            statements: Statements::Prepared,
+        },
     )
     .expect("pool");
-    let client = log.pool().get().await.expect("connection");
-    let row = client
+    let row = pool
         .query_one(
-            "SELECT current_setting('plan_cache_mode'), current_setting('jit')",
+            "SELECT current_setting('plan_cache_mode'), current_setting('jit'), \
+             current_setting('statement_timeout')",
             &[],
         )
         .await
         .expect("settings");
     assert_eq!(row.get::<_, String>(0), "force_generic_plan");
     assert_eq!(row.get::<_, String>(1), "off");
+    assert_eq!(row.get::<_, String>(2), "5s");
 }

@@ -1,9 +1,11 @@
 //! What installs and runs Postgres: the SQL the relay installs
 //! ([`schema`]), the private server for running without `DATABASE_URL`
 //! and for the tests ([`embedded`]), the demo project seeded into it
-//! ([`demo`]), and the one place that opens connections ([`connect`]).
+//! ([`demo`]), the one place that opens connections ([`connect`]), and the
+//! pool whose every query is bounded in time ([`pool`]).
 
 pub mod connect;
 pub mod demo;
 pub mod embedded;
+pub mod pool;
 pub mod schema;

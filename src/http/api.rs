@@ -19,9 +19,10 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::auth::{AuthError, Authenticator};
+use crate::db::pool::DbError;
 use crate::http::request::{percent_decode, token_from_request};
 use crate::http::response::{json_error, json_response, Body};
 use crate::metrics::Metrics;
@@ -117,10 +118,10 @@ impl From<AuthError> for ApiError {
     }
 }
 
-impl From<crate::relay::log::LogError> for ApiError {
-    fn from(e: crate::relay::log::LogError) -> Self {
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
         match e {
-            crate::relay::log::LogError::Query(e) => sql_error(e),
+            DbError::Query(e) => sql_error(e),
             other => {
                 tracing::warn!(error = %other, "API could not reach the database");
                 ApiError::unavailable()
@@ -275,7 +276,10 @@ impl Api {
             }
             (Method::GET, ["projects", p, "unread"]) => {
                 let n: i64 = self
-                    .one("SELECT chat.unread_count($1, $2)", &[p, &user])
+                    .one(
+                        "SELECT chat.unread_count($1, $2)",
+                        &[(p, Type::TEXT), (&user, Type::TEXT)],
+                    )
                     .await?;
                 Ok(json_response(
                     StatusCode::OK,
@@ -284,7 +288,10 @@ impl Api {
             }
             (Method::GET, ["projects", p, "latest_seq"]) => {
                 let n: i64 = self
-                    .one("SELECT chat.latest_seq($1, $2)", &[p, &user])
+                    .one(
+                        "SELECT chat.latest_seq($1, $2)",
+                        &[(p, Type::TEXT), (&user, Type::TEXT)],
+                    )
                     .await?;
                 Ok(json_response(
                     StatusCode::OK,
@@ -334,24 +341,17 @@ impl Api {
         Ok(())
     }
 
-    /// The single row of a statement.
+    /// The single row of a statement, within the pool's query timeout.
     async fn row(
         &self,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<tokio_postgres::Row, ApiError> {
-        let client = self
-            .log
-            .pool()
-            .get()
-            .await
-            .map_err(crate::relay::log::LogError::from)?;
-        let stmt = client.prepare_cached(sql).await?;
-        Ok(client.query_one(&stmt, params).await?)
+        Ok(self.log.pool().query_one(sql, params).await?)
     }
 
     /// The single value of a statement.
-    async fn one<T>(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<T, ApiError>
+    async fn one<T>(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<T, ApiError>
     where
         T: for<'a> tokio_postgres::types::FromSql<'a>,
     {
@@ -361,17 +361,12 @@ impl Api {
     async fn rows_json(
         &self,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Value>, ApiError> {
-        let client = self
+        Ok(self
             .log
             .pool()
-            .get()
-            .await
-            .map_err(crate::relay::log::LogError::from)?;
-        let stmt = client.prepare_cached(sql).await?;
-        Ok(client
-            .query(&stmt, params)
+            .query(sql, params)
             .await?
             .iter()
             .map(|r| r.get::<_, Value>(0))
@@ -380,7 +375,10 @@ impl Api {
 
     async fn list_projects(&self, user: &str) -> Result<Response<Body>, ApiError> {
         let projects = self
-            .rows_json("SELECT to_jsonb(p) FROM chat.list_projects($1) p", &[&user])
+            .rows_json(
+                "SELECT to_jsonb(p) FROM chat.list_projects($1) p",
+                &[(&user, Type::TEXT)],
+            )
             .await?;
         Ok(json_response(
             StatusCode::OK,
@@ -400,7 +398,12 @@ impl Api {
         let messages = self
             .rows_json(
                 "SELECT to_jsonb(m) FROM chat.messages_page($1, $2, $3, $4) m",
-                &[&project, &user, &before, &limit],
+                &[
+                    (&project, Type::TEXT),
+                    (&user, Type::TEXT),
+                    (&before, Type::INT8),
+                    (&limit, Type::INT4),
+                ],
             )
             .await?;
         // Full page: is there anything older? Asked through the same
@@ -413,7 +416,12 @@ impl Api {
                 !self
                     .rows_json(
                         "SELECT to_jsonb(m) FROM chat.messages_page($1, $2, $3, $4) m",
-                        &[&project, &user, &next, &one],
+                        &[
+                            (&project, Type::TEXT),
+                            (&user, Type::TEXT),
+                            (&next, Type::INT8),
+                            (&one, Type::INT4),
+                        ],
                     )
                     .await?
                     .is_empty()
@@ -437,7 +445,12 @@ impl Api {
         let row = self
             .row(
                 "SELECT to_jsonb(r.message), r.created FROM chat.send_message($1, $2, $3, $4) r",
-                &[&project, &user, &text, &client_id],
+                &[
+                    (&project, Type::TEXT),
+                    (&user, Type::TEXT),
+                    (&text, Type::TEXT),
+                    (&client_id, Type::TEXT),
+                ],
             )
             .await?;
         let message: Value = row.get(0);
@@ -466,7 +479,12 @@ impl Api {
         let message: Value = self
             .one(
                 "SELECT to_jsonb(m) FROM chat.edit_message($1, $2, $3, $4) m",
-                &[&id, &user, &text, &version],
+                &[
+                    (&id, Type::TEXT),
+                    (&user, Type::TEXT),
+                    (&text, Type::TEXT),
+                    (&version, Type::INT4),
+                ],
             )
             .await?;
         Ok(json_response(StatusCode::OK, json!({ "message": message })))
@@ -482,7 +500,11 @@ impl Api {
         let message: Value = self
             .one(
                 "SELECT to_jsonb(m) FROM chat.delete_message($1, $2, $3) m",
-                &[&id, &user, &version],
+                &[
+                    (&id, Type::TEXT),
+                    (&user, Type::TEXT),
+                    (&version, Type::INT4),
+                ],
             )
             .await?;
         Ok(json_response(StatusCode::OK, json!({ "message": message })))
@@ -512,7 +534,16 @@ impl Api {
         } else {
             "SELECT chat.mark_delivered($1, $2, $3)"
         };
-        let changed: i32 = self.one(sql, &[&project, &user, &up_to]).await?;
+        let changed: i32 = self
+            .one(
+                sql,
+                &[
+                    (&project, Type::TEXT),
+                    (&user, Type::TEXT),
+                    (&up_to, Type::INT8),
+                ],
+            )
+            .await?;
         Ok(json_response(
             StatusCode::OK,
             json!({"project_id": project, "changed": changed}),

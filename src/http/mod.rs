@@ -22,6 +22,7 @@ pub mod websocket;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +44,7 @@ use crate::http::api::Api;
 use crate::http::connection::Admission;
 use crate::http::response::{json_error, json_response, Body};
 use crate::metrics::Metrics;
+use crate::relay::listener::ListenHealth;
 use crate::relay::session::SessionContext;
 
 /// What request handling shares.
@@ -57,6 +59,8 @@ pub struct HttpState {
     /// Open WebSockets per user id.
     pub user_connections: Arc<Mutex<HashMap<String, usize>>>,
     pub listening: watch::Receiver<bool>,
+    /// Why LISTEN is not proven, for `/healthz`.
+    pub listen_health: Arc<ListenHealth>,
     /// Inbound WebSocket frame and message limit, in bytes.
     pub max_frame_bytes: usize,
     /// Ends sessions on shutdown.
@@ -102,16 +106,40 @@ pub async fn handle(
     Ok(response)
 }
 
+/// Ready only while both halves of delivery work: LISTEN is up and proven
+/// (else events are only polled), and the pool serves reads (else nothing
+/// is delivered and no one can subscribe). A 503 names the reason.
 fn healthz(state: &HttpState) -> Response<Body> {
-    if *state.listening.borrow() {
-        json_response(StatusCode::OK, json!({"status": "ok", "listening": true}))
-    } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "unavailable", "listening": false,
-                   "message": "not LISTENing on the database; events are being polled"}),
-        )
+    let listening = *state.listening.borrow();
+    let reads = state.sessions.log.pool().health().problem();
+    if listening && reads.is_none() {
+        return json_response(
+            StatusCode::OK,
+            json!({"status": "ok", "listening": true, "reads": true}),
+        );
     }
+    let mut reasons = Vec::new();
+    if !listening {
+        let problem = state.listen_health.problem();
+        reasons.push(if problem.is_empty() {
+            "LISTEN is not proven yet".to_string()
+        } else {
+            problem
+        });
+    }
+    if let Some(problem) = &reads {
+        reasons.push(format!("database reads fail: {problem}"));
+    }
+    let message = if listening {
+        "the event log cannot be read; delivery and subscribe wait for the database"
+    } else {
+        "not LISTENing on the database; events are being polled"
+    };
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"status": "unavailable", "listening": listening, "reads": reads.is_none(),
+               "reason": reasons.join("; "), "message": message}),
+    )
 }
 
 async fn metrics(state: &HttpState) -> Response<Body> {
@@ -122,6 +150,10 @@ async fn metrics(state: &HttpState) -> Response<Body> {
     .await
     .ok()
     .and_then(Result::ok);
+    state.metrics.db_timeouts.store(
+        state.sessions.log.pool().health().timeouts.load(Relaxed),
+        Relaxed,
+    );
     let mut response = Response::new(Full::new(Bytes::from(state.metrics.render(usage))));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -12,6 +12,21 @@
 //! A subscriber is a cursor over the ring. One that falls behind the ring's
 //! oldest frame is told it lagged and reads the log at its own pace (see
 //! `session`), so a slow client costs neither memory here nor loss.
+//!
+//! No silent divergence (G8). Cursors name events (seq and capture time),
+//! and a ring is served only while it is known to be the database's
+//! history:
+//! - every read of a topic continues from the cursor of its head, and the
+//!   log answers "diverged" when it no longer holds that event (a failover
+//!   that lost the last commits, a restore). The topic then drops its ring,
+//!   starts again from the log's latest event and moves to a new epoch;
+//! - when any database connection breaks, every topic is suspect until its
+//!   next read (with its head's cursor) succeeds on the new connection:
+//!   meanwhile subscribers read the log, never the ring;
+//! - a subscriber is served from the ring only if the ring holds the very
+//!   event its cursor names, and only in the epoch it last checked its
+//!   cursor in; otherwise it reads the log, which checks its cursor and
+//!   answers with `reset` (`history_diverged`) when the log disowns it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -22,7 +37,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::relay::log::{EventLog, Frame, ReadLimits};
+use crate::relay::log::{Cursor, EventLog, Frame, ManyBatch, ReadLimits};
 
 /// Bounds of the hub.
 #[derive(Debug, Clone, Copy)]
@@ -53,15 +68,24 @@ pub struct Topic {
 }
 
 struct TopicState {
-    /// Last seq published into the ring.
-    head: u64,
+    /// The last event published into the ring.
+    head: Cursor,
+    /// The event just before the ring's oldest frame (`head` while the
+    /// ring is empty): a subscriber there can be checked and served.
+    base: Cursor,
     /// Highest seq a notice has announced.
     wanted: u64,
-    /// Recent frames, contiguous seqs ending at `head`.
+    /// Recent frames, contiguous seqs from `base` + 1 to `head`.
     ring: VecDeque<Frame>,
     ring_bytes: usize,
     /// Subscriber id -> that session's wake-up.
     subscribers: HashMap<u64, Arc<Notify>>,
+    /// The ring is known to be the database's history: read from it, with
+    /// its head's cursor checked, since the last connection loss.
+    verified: bool,
+    /// Bumped when the log disowned the ring: every subscriber checks its
+    /// cursor against the log before it is served from the ring again.
+    epoch: u64,
 }
 
 /// What a subscriber finds in the ring after its cursor.
@@ -86,22 +110,41 @@ impl Topic {
 
     /// The last seq published.
     pub fn head(&self) -> u64 {
-        self.lock().head
+        self.lock().head.seq
     }
 
-    /// Up to `max` frames after `cursor`.
-    pub fn read_after(&self, cursor: u64, max: usize) -> RingRead {
+    /// The current epoch (see [`TopicState::epoch`]).
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Up to `max` frames after `cursor`, for a subscriber that checked its
+    /// cursor in `epoch`. `Lagged` whenever the ring cannot vouch for the
+    /// cursor: not verified since a connection loss, another epoch, the
+    /// cursor's event not in the ring or not the same event.
+    pub fn read_after(&self, cursor: Cursor, epoch: u64, max: usize) -> RingRead {
         let state = self.lock();
-        if cursor >= state.head {
+        if !state.verified || epoch != state.epoch {
+            return RingRead::Lagged;
+        }
+        if cursor.seq >= state.head.seq {
+            if cursor.seq == state.head.seq && !cursor.names(state.head.seq, state.head.time_us) {
+                return RingRead::Lagged;
+            }
             return RingRead::UpToDate;
         }
-        let Some(oldest) = state.ring.front().map(|f| f.seq) else {
-            return RingRead::Lagged;
-        };
-        if cursor + 1 < oldest {
+        if cursor.seq < state.base.seq {
             return RingRead::Lagged;
         }
-        let start = (cursor + 1 - oldest) as usize;
+        let start = (cursor.seq - state.base.seq) as usize;
+        let named = if start == 0 {
+            state.base.time_us
+        } else {
+            state.ring.get(start - 1).map(|f| f.captured_us)
+        };
+        if !cursor.names(cursor.seq, named) {
+            return RingRead::Lagged;
+        }
         RingRead::Frames(state.ring.iter().skip(start).take(max).cloned().collect())
     }
 }
@@ -111,8 +154,8 @@ struct PendingRead {
     topic: Arc<Topic>,
     reason: Reason,
     /// The topic's head when the read started: the read asks for frames
-    /// after it.
-    head: u64,
+    /// after it, and whether the log still holds it.
+    head: Cursor,
     /// The seq notices had announced when the read started; if the read
     /// does not reach it, the notice was not confirmed by the log.
     wanted_at_start: u64,
@@ -133,6 +176,9 @@ pub struct Hub {
     dirty: Mutex<Dirty>,
     fetcher_wake: Notify,
     next_subscriber: AtomicU64,
+    /// Bumped on every connection loss: a read that started in an older
+    /// generation cannot vouch for a topic.
+    generation: AtomicU64,
     log: EventLog,
     metrics: Arc<Metrics>,
     limits: HubLimits,
@@ -145,6 +191,7 @@ impl Hub {
             dirty: Mutex::new(Dirty::default()),
             fetcher_wake: Notify::new(),
             next_subscriber: AtomicU64::new(1),
+            generation: AtomicU64::new(0),
             log,
             metrics,
             limits,
@@ -174,10 +221,24 @@ impl Hub {
         self.fetcher_wake.notify_one();
     }
 
+    /// The connection-loss generation; read it before reading the state
+    /// passed to [`subscribe`](Self::subscribe).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Relaxed)
+    }
+
     /// Registers a subscriber of `scope`. `latest` is the scope's latest
-    /// seq as the caller just read it; a new topic starts there and is read
-    /// at once, so nothing committed in between is missed.
-    pub fn subscribe(&self, scope: &str, latest: u64, wake: Arc<Notify>) -> (Arc<Topic>, u64) {
+    /// event as the caller just read it, in `generation`; a new topic
+    /// starts there and is read at once, so nothing committed in between
+    /// is missed. Returns the topic, the subscriber's id and the epoch its
+    /// cursor is checked in.
+    pub fn subscribe(
+        &self,
+        scope: &str,
+        latest: Cursor,
+        generation: u64,
+        wake: Arc<Notify>,
+    ) -> (Arc<Topic>, u64, u64) {
         let id = self.next_subscriber.fetch_add(1, Relaxed);
         let mut topics = self.topics();
         let (topic, created) = match topics.get(scope) {
@@ -187,22 +248,29 @@ impl Hub {
                     scope: scope.to_string(),
                     state: Mutex::new(TopicState {
                         head: latest,
-                        wanted: latest,
+                        base: latest,
+                        wanted: latest.seq,
                         ring: VecDeque::new(),
                         ring_bytes: 0,
                         subscribers: HashMap::new(),
+                        verified: generation == self.generation(),
+                        epoch: 0,
                     }),
                 });
                 topics.insert(scope.to_string(), t.clone());
                 (t, true)
             }
         };
-        topic.lock().subscribers.insert(id, wake);
+        let epoch = {
+            let mut state = topic.lock();
+            state.subscribers.insert(id, wake);
+            state.epoch
+        };
         drop(topics);
         if created {
             self.mark_dirty(scope, Reason::Resync);
         }
-        (topic, id)
+        (topic, id, epoch)
     }
 
     /// Removes a subscriber; the topic goes when its last subscriber does.
@@ -226,12 +294,25 @@ impl Hub {
             return;
         };
         let mut state = topic.lock();
-        if seq <= state.head {
+        if seq <= state.head.seq {
             return;
         }
         state.wanted = state.wanted.max(seq);
         drop(state);
         self.mark_dirty(scope, Reason::Notice);
+    }
+
+    /// A database connection broke: what was read before may be history
+    /// the database no longer holds (a failover behind the connection
+    /// string, a restore). No ring is served until a read on a new
+    /// connection has checked its head; every topic is read at once.
+    pub fn suspect_all(&self) {
+        self.generation.fetch_add(1, Relaxed);
+        let topics: Vec<Arc<Topic>> = self.topics().values().cloned().collect();
+        for topic in &topics {
+            topic.lock().verified = false;
+            self.mark_dirty(&topic.scope, Reason::Resync);
+        }
     }
 
     /// Reads every topic, looking for events no notice announced.
@@ -260,10 +341,11 @@ impl Hub {
                 if batch.is_empty() {
                     break;
                 }
-                let wanted: Vec<(String, u64)> = batch
+                let wanted: Vec<(String, Cursor)> = batch
                     .iter()
                     .map(|read| (read.topic.scope.clone(), read.head))
                     .collect();
+                let generation = self.generation();
                 let result = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = self.log.frames_after_many(&wanted, self.limits.read) => r,
@@ -271,7 +353,13 @@ impl Hub {
                 match result {
                     Ok(rows) => {
                         backoff = Duration::from_millis(50);
-                        self.publish_batch(batch, rows);
+                        let diverged = self.publish_batch(batch, rows, generation);
+                        for topic in diverged {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = self.restart_from_log(&topic, generation) => {}
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, topics = batch.len(), retry_in_ms = backoff.as_millis() as u64, "reading the event log failed");
@@ -324,51 +412,118 @@ impl Hub {
             .collect()
     }
 
-    fn publish_batch(&self, batch: Vec<PendingRead>, rows: Vec<(String, Frame)>) {
+    /// Publishes what a read found; returns the topics whose head the log
+    /// disowned.
+    fn publish_batch(
+        &self,
+        batch: Vec<PendingRead>,
+        rows: ManyBatch,
+        generation: u64,
+    ) -> Vec<Arc<Topic>> {
         let mut by_scope: HashMap<String, Vec<Frame>> = HashMap::new();
-        for (scope, frame) in rows {
+        for (scope, frame) in rows.frames {
             by_scope.entry(scope).or_default().push(frame);
         }
+        let mut diverged = Vec::new();
         for PendingRead {
             topic,
             reason,
+            head,
             wanted_at_start,
-            ..
         } in batch
         {
+            if rows.diverged.contains(&topic.scope) {
+                diverged.push(topic);
+                continue;
+            }
             let frames = by_scope.remove(&topic.scope).unwrap_or_default();
             let full = frames.len() >= self.limits.read.rows as usize
                 || frames.iter().map(|f| f.bytes.len() as i64).sum::<i64>()
                     >= self.limits.read.bytes;
-            self.publish(&topic, frames, reason, wanted_at_start, full);
+            // The log held the head this read continued from; if no
+            // connection broke meanwhile, the ring is the database's.
+            let vouched = generation == self.generation();
+            self.publish(&topic, head, frames, reason, wanted_at_start, full, vouched);
             if full {
                 self.mark_dirty(&topic.scope, reason);
             }
         }
+        diverged
     }
 
+    /// The log no longer holds the event at this topic's head: what the
+    /// ring holds is history the database lost. Drop it and start again
+    /// from the log's latest event, in a new epoch, so that every
+    /// subscriber checks its cursor against the log (and gets `reset` if
+    /// the log disowns it too).
+    async fn restart_from_log(&self, topic: &Arc<Topic>, generation: u64) {
+        let state = match self.log.scope_state(&topic.scope).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(scope = %topic.scope, error = %e, "reading where a diverged scope stands failed; retrying");
+                topic.lock().verified = false;
+                self.mark_dirty(&topic.scope, Reason::Resync);
+                return;
+            }
+        };
+        self.metrics.divergences.fetch_add(1, Relaxed);
+        let mut s = topic.lock();
+        tracing::warn!(scope = %topic.scope, relay_head = s.head.seq, log_latest = state.latest_seq,
+            "the event log no longer holds events this relay read (failover or restore?); subscribers are checked and reset where needed");
+        s.ring.clear();
+        s.ring_bytes = 0;
+        s.head = state.latest();
+        s.base = s.head;
+        s.wanted = state.latest_seq;
+        s.epoch += 1;
+        s.verified = generation == self.generation();
+        let wakes: Vec<Arc<Notify>> = s.subscribers.values().cloned().collect();
+        drop(s);
+        for wake in wakes {
+            wake.notify_one();
+        }
+        // Anything committed after the state was read.
+        self.mark_dirty(&topic.scope, Reason::Resync);
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
         topic: &Topic,
+        read_from: Cursor,
         frames: Vec<Frame>,
         reason: Reason,
         wanted_at_start: u64,
         full: bool,
+        vouched: bool,
     ) {
         let mut state = topic.lock();
+        if state.head != read_from {
+            // Restarted from the log while this read was in flight.
+            return;
+        }
+        if vouched && !state.verified {
+            state.verified = true;
+            // Subscribers that went to the log meanwhile may return.
+            let wakes: Vec<Arc<Notify>> = state.subscribers.values().cloned().collect();
+            for wake in wakes {
+                wake.notify_one();
+            }
+        }
         let mut published = 0u64;
         for frame in frames {
-            if frame.seq <= state.head {
+            if frame.seq <= state.head.seq {
                 continue;
             }
-            if frame.seq != state.head + 1 {
+            if frame.seq != state.head.seq + 1 {
                 // A hole (trimmed history): the ring must stay contiguous,
                 // so it restarts here; subscribers behind it go to the log,
                 // which tells them to reset.
                 state.ring.clear();
                 state.ring_bytes = 0;
+                state.base = Cursor::new(frame.seq - 1, None);
             }
-            state.head = frame.seq;
+            state.head = Cursor::at(&frame);
             state.ring_bytes += frame.bytes.len();
             state.ring.push_back(frame);
             published += 1;
@@ -377,18 +532,19 @@ impl Hub {
             {
                 if let Some(old) = state.ring.pop_front() {
                     state.ring_bytes -= old.bytes.len();
+                    state.base = Cursor::at(&old);
                 }
             }
         }
-        if state.wanted < state.head {
-            state.wanted = state.head;
+        if state.wanted < state.head.seq {
+            state.wanted = state.head.seq;
         }
-        if !full && wanted_at_start > state.head && state.wanted == wanted_at_start {
+        if !full && wanted_at_start > state.head.seq && state.wanted == wanted_at_start {
             // A notice named a seq the log does not hold: forged, or from a
             // foreign writer. Nothing was published for it.
             self.metrics.unconfirmed_notices.fetch_add(1, Relaxed);
-            tracing::debug!(scope = %topic.scope, wanted = wanted_at_start, head = state.head, "notice not confirmed by the event log");
-            state.wanted = state.head;
+            tracing::debug!(scope = %topic.scope, wanted = wanted_at_start, head = state.head.seq, "notice not confirmed by the event log");
+            state.wanted = state.head.seq;
         }
         if published == 0 {
             return;

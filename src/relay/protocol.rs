@@ -8,6 +8,8 @@
 
 use serde_json::{json, Value};
 
+use crate::relay::log::Cursor;
+
 /// Close codes; part of the protocol, documented in `docs/protocol.md`.
 pub mod close {
     /// The relay is shutting down: reconnect and resume with `since_seq`.
@@ -54,7 +56,8 @@ pub const MAX_SCOPE_LEN: usize = 256;
 pub enum ClientMessage {
     Subscribe {
         scope: String,
-        since_seq: Option<u64>,
+        /// `since_seq`, named by `since_timestamp` when the client sent it.
+        since: Option<Cursor>,
     },
     Unsubscribe {
         scope: String,
@@ -160,9 +163,33 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
                     )
                 })?),
             };
+            let since_time = match obj.get("since_timestamp") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) => Some(parse_timestamp(t).ok_or_else(|| {
+                    ProtocolError::new(
+                        code::BAD_REQUEST,
+                        "\"since_timestamp\" must be the \"timestamp\" of the event at since_seq, as the relay sent it",
+                        Some(action),
+                    )
+                })?),
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        code::BAD_REQUEST,
+                        "\"since_timestamp\" must be a string",
+                        Some(action),
+                    ))
+                }
+            };
+            if since_time.is_some() && since_seq.is_none() {
+                return Err(ProtocolError::new(
+                    code::BAD_REQUEST,
+                    "\"since_timestamp\" names the event at \"since_seq\"; send both",
+                    Some(action),
+                ));
+            }
             Ok(ClientMessage::Subscribe {
                 scope: scope()?,
-                since_seq,
+                since: since_seq.map(|seq| Cursor::new(seq, since_time)),
             })
         }
         "unsubscribe" => Ok(ClientMessage::Unsubscribe { scope: scope()? }),
@@ -194,10 +221,28 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// `{"type":"subscribed","project_id":..,"seq":..}`: the latest seq at
-/// subscribe time; events after it follow.
-pub fn subscribed_frame(scope: &str, latest_seq: u64) -> String {
-    json!({"type": "subscribed", "project_id": scope, "seq": latest_seq}).to_string()
+/// An event's capture time as frames carry it (`relay.wire_time`: RFC 3339,
+/// UTC, microseconds), from microseconds since the epoch.
+pub fn format_timestamp(micros: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+}
+
+/// Microseconds since the epoch from an RFC 3339 timestamp.
+pub fn parse_timestamp(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_micros())
+}
+
+/// `{"type":"subscribed","project_id":..,"seq":..,"timestamp":..}`: the
+/// latest event at subscribe time (its seq and timestamp, the cursor to
+/// resume from if nothing arrives); events after it follow. `timestamp`
+/// is null when there is no event yet or it was trimmed.
+pub fn subscribed_frame(scope: &str, latest: Cursor) -> String {
+    json!({"type": "subscribed", "project_id": scope, "seq": latest.seq,
+           "timestamp": latest.time_us.and_then(format_timestamp)})
+    .to_string()
 }
 
 /// `{"type":"unsubscribed","project_id":..}`.
@@ -209,15 +254,23 @@ pub fn unsubscribed_frame(scope: &str) -> String {
 pub mod reset_reason {
     /// Events after the client's `since_seq` were trimmed from the log.
     pub const HISTORY_TRIMMED: &str = "history_trimmed";
-    /// The client's `since_seq` is beyond anything the log ever held (the
-    /// database was restored or replaced).
+    /// The client's `since_seq` (sent without `since_timestamp`) is beyond
+    /// anything the log holds (the database was restored or replaced, or
+    /// failed over and lost its last commits).
     pub const SEQ_AHEAD: &str = "seq_ahead";
+    /// The log no longer holds the event the client's cursor names (seq and
+    /// timestamp): it lost history the client saw (a failover to a standby
+    /// that lacked the last commits, a restore from backup). What the
+    /// client holds after its last common event may not exist any more.
+    pub const HISTORY_DIVERGED: &str = "history_diverged";
 }
 
-/// `{"type":"reset",..}`: reload the scope's state; events after `seq`
-/// follow.
-pub fn reset_frame(scope: &str, seq: u64, reason: &str) -> String {
-    json!({"type": "reset", "project_id": scope, "seq": seq, "reason": reason}).to_string()
+/// `{"type":"reset",..}`: reload the scope's state; events after the
+/// event named by `seq` and `timestamp` follow.
+pub fn reset_frame(scope: &str, latest: Cursor, reason: &str) -> String {
+    json!({"type": "reset", "project_id": scope, "seq": latest.seq, "reason": reason,
+           "timestamp": latest.time_us.and_then(format_timestamp)})
+    .to_string()
 }
 
 pub fn pong_frame() -> String {
@@ -244,14 +297,14 @@ mod tests {
             parse(r#"{"action":"subscribe","project_id":"p","since_seq":42}"#),
             Ok(ClientMessage::Subscribe {
                 scope: "p".into(),
-                since_seq: Some(42)
+                since: Some(Cursor::new(42, None))
             })
         );
         assert_eq!(
             parse(r#"{"action":"subscribe","project_id":"p"}"#),
             Ok(ClientMessage::Subscribe {
                 scope: "p".into(),
-                since_seq: None
+                since: None
             })
         );
         assert_eq!(
@@ -262,12 +315,35 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_names_its_event_by_timestamp() {
+        let t = "2026-11-24T08:00:00.123456Z";
+        let us = parse_timestamp(t).expect("a wire timestamp parses");
+        assert_eq!(format_timestamp(us).as_deref(), Some(t), "round trip");
+        assert_eq!(
+            parse(&format!(
+                r#"{{"action":"subscribe","project_id":"p","since_seq":42,"since_timestamp":"{t}"}}"#
+            )),
+            Ok(ClientMessage::Subscribe {
+                scope: "p".into(),
+                since: Some(Cursor::new(42, Some(us)))
+            })
+        );
+        for bad in [
+            r#"{"action":"subscribe","project_id":"p","since_seq":4,"since_timestamp":"yesterday"}"#,
+            r#"{"action":"subscribe","project_id":"p","since_seq":4,"since_timestamp":7}"#,
+            r#"{"action":"subscribe","project_id":"p","since_timestamp":"2026-11-24T08:00:00Z"}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, code::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
     fn integer_scopes_are_their_decimal_text() {
         assert_eq!(
             parse(r#"{"action":"subscribe","project_id":42}"#),
             Ok(ClientMessage::Subscribe {
                 scope: "42".into(),
-                since_seq: None
+                since: None
             })
         );
         assert_eq!(

@@ -19,6 +19,13 @@
 //! `pong_timeout`, like one that answers no ping, is closed with the
 //! unresponsive close code, and so is one that sends no frame at all within
 //! `first_frame_timeout` of connecting. Nothing else closes a slow client.
+//!
+//! A cursor names an event (seq and capture time, see [`Cursor`]): the
+//! ring serves a subscription only when it holds that very event, and a
+//! read of the log checks that the log still holds it. When the log
+//! disowns it (a failover lost history this client saw), the client gets
+//! `reset` with `history_diverged` and continues from the log's latest
+//! event (G8).
 
 use std::collections::HashMap;
 use std::future::Future as _;
@@ -45,7 +52,9 @@ use crate::auth::{self, AuthError, Authenticator, Identity};
 use crate::metrics::{Metrics, RecheckCause};
 use crate::relay::budget::CatchupBudget;
 use crate::relay::hub::{Hub, RingRead, Topic};
-use crate::relay::log::{EventLog, Frame, LogError, ReadLimits, Verdict};
+use crate::relay::log::{
+    Batch, Cursor, EventLog, Frame, LogError, ReadLimits, ScopeState, Verdict,
+};
 use crate::relay::protocol::{self, close, code, reset_reason, ClientMessage};
 
 /// Most ring frames written per subscription before the session looks at
@@ -89,8 +98,11 @@ pub struct SessionLimits {
 struct Subscription {
     topic: Arc<Topic>,
     id: u64,
-    /// Last seq sent to the client.
-    cursor: u64,
+    /// The last event sent to the client (or the one it said it has).
+    cursor: Cursor,
+    /// The topic epoch in which the cursor was last checked against the
+    /// log; the ring serves it only in that epoch.
+    epoch: u64,
     /// Fed from the log rather than the ring.
     catching_up: bool,
     /// A membership event was just sent: ask `relay.authorize` again
@@ -585,9 +597,7 @@ impl Session {
     {
         match request {
             ClientMessage::Ping => out.text(protocol::pong_frame()).await,
-            ClientMessage::Subscribe { scope, since_seq } => {
-                self.subscribe(scope, since_seq, out).await
-            }
+            ClientMessage::Subscribe { scope, since } => self.subscribe(scope, since, out).await,
             ClientMessage::Unsubscribe { scope } => {
                 if let Some(sub) = self.subs.remove(&scope) {
                     self.drop_subscription(sub);
@@ -632,7 +642,7 @@ impl Session {
     async fn subscribe<S>(
         &mut self,
         scope: String,
-        since_seq: Option<u64>,
+        since: Option<Cursor>,
         out: &mut Out<S>,
     ) -> Result<(), End>
     where
@@ -654,6 +664,10 @@ impl Session {
         // and triggers a re-check; one committed before is seen by
         // authorize. (The other order would let a revocation fall between
         // the two and be skipped: G4.)
+        //
+        // The generation is read before the state: a connection loss after it makes the new
+        // topic (if any) suspect until the fetcher has checked it (G8).
+        let generation = self.ctx.hub.generation();
         let checked = async {
             let _permit = self.ctx.backfills.acquire().await;
             let state = self.ctx.log.scope_state(&scope).await?;
@@ -688,38 +702,29 @@ impl Session {
         if let Some(old) = self.subs.remove(&scope) {
             self.drop_subscription(old);
         }
-        let (topic, id) = self
-            .ctx
-            .hub
-            .subscribe(&scope, state.latest_seq, self.wake.clone());
+        let (topic, id, epoch) =
+            self.ctx
+                .hub
+                .subscribe(&scope, state.latest(), generation, self.wake.clone());
         self.ctx.metrics.subscriptions.fetch_add(1, Relaxed);
-        let mut cursor = state.latest_seq;
-        let mut reset = None;
-        if let Some(since) = since_seq {
-            if since > state.latest_seq {
-                reset = Some(reset_reason::SEQ_AHEAD);
-            } else if since < state.trimmed_through {
-                reset = Some(reset_reason::HISTORY_TRIMMED);
-            } else {
-                cursor = since;
-            }
-        }
+        let (cursor, reset) = resume_from(since, &state);
         self.subs.insert(
             scope.clone(),
             Subscription {
                 topic,
                 id,
                 cursor,
+                epoch,
                 catching_up: false,
                 recheck: false,
                 read_size: ReadSize::new(),
             },
         );
-        out.text(protocol::subscribed_frame(&scope, state.latest_seq))
+        out.text(protocol::subscribed_frame(&scope, state.latest()))
             .await?;
         if let Some(reason) = reset {
             self.ctx.metrics.resets_sent.fetch_add(1, Relaxed);
-            out.text(protocol::reset_frame(&scope, state.latest_seq, reason))
+            out.text(protocol::reset_frame(&scope, state.latest(), reason))
                 .await?;
         }
         self.wake.notify_one();
@@ -916,7 +921,7 @@ impl Session {
         let Some(sub) = self.subs.get_mut(scope) else {
             return Ok(Step::Idle);
         };
-        match sub.topic.read_after(sub.cursor, PUMP_BATCH) {
+        match sub.topic.read_after(sub.cursor, sub.epoch, PUMP_BATCH) {
             RingRead::UpToDate => {
                 set_catching_up(sub, false, &ctx.metrics);
                 return Ok(Step::Idle);
@@ -930,8 +935,9 @@ impl Session {
                 if written.socket_full {
                     return Ok(Step::SocketFull);
                 }
-                let more =
-                    sub.recheck || written.frames == PUMP_BATCH || sub.topic.head() > sub.cursor;
+                let more = sub.recheck
+                    || written.frames == PUMP_BATCH
+                    || sub.topic.head() > sub.cursor.seq;
                 return Ok(if more { Step::More } else { Step::Idle });
             }
             RingRead::Lagged => set_catching_up(sub, true, &ctx.metrics),
@@ -939,8 +945,11 @@ impl Session {
         if self.retry_at.is_some() {
             return Ok(Step::Idle);
         }
-        // Behind the ring: one batch from the log, sized to what this
-        // socket takes, reserved in the relay-wide budget until written.
+        // Behind the ring (or the ring cannot vouch for the cursor): one
+        // batch from the log, sized to what this socket takes, reserved in
+        // the relay-wide budget until written. The log checks that it still
+        // holds the cursor's event.
+        let epoch = sub.topic.epoch();
         let wanted = sub.read_size.limits(ctx.limits.catchup_read);
         let read = {
             let Ok(_permit) = ctx.backfills.acquire().await else {
@@ -954,12 +963,16 @@ impl Session {
             ctx.log
                 .frames_after(scope, sub.cursor, limits)
                 .await
-                .map(|frames| {
-                    reserved.shrink_to(frames.iter().map(|f| f.bytes.len()).sum());
-                    (frames, reserved)
+                .map(|batch| {
+                    let bytes = match &batch {
+                        Batch::Frames(frames) => frames.iter().map(|f| f.bytes.len()).sum(),
+                        Batch::Diverged => 0,
+                    };
+                    reserved.shrink_to(bytes);
+                    (batch, reserved)
                 })
         };
-        let (frames, reserved) = match read {
+        let (batch, reserved) = match read {
             Ok(read) => read,
             Err(e) => {
                 tracing::warn!(error = %e, "catch-up read failed; retrying");
@@ -967,49 +980,76 @@ impl Session {
                 return Ok(Step::Idle);
             }
         };
-        if frames.first().map(|f| f.seq) != Some(sub.cursor + 1) {
-            let nothing_after = frames.is_empty();
-            drop((frames, reserved));
-            if nothing_after && sub.topic.head() <= sub.cursor {
-                // Nothing after the cursor yet; the ring will ring us.
-                set_catching_up(sub, false, &ctx.metrics);
-                return Ok(Step::Idle);
+        let reason = match batch {
+            Batch::Frames(frames) if frames.first().map(|f| f.seq) == Some(sub.cursor.seq + 1) => {
+                sub.epoch = epoch;
+                sub.read_size.observe(&frames);
+                let written = send_frames(out, sub, &frames, &ctx.metrics).await?;
+                let whole = written.frames == frames.len();
+                // The batch and its reservation go now, written or not: what
+                // the socket did not take is read again from the log once it
+                // drains.
+                drop((frames, reserved));
+                if written.socket_full {
+                    sub.read_size.socket_full(written.bytes);
+                    return Ok(Step::SocketFull);
+                }
+                if whole {
+                    sub.read_size.written_whole(ctx.limits.catchup_read);
+                }
+                return Ok(Step::More);
             }
-            // The log does not continue from the cursor: history was
-            // trimmed. Say so explicitly, then go on from the latest seq.
-            let latest = match ctx.log.scope_state(scope).await {
-                Ok(state) => state.latest_seq,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the scope state failed; retrying");
-                    self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+            Batch::Frames(frames) if frames.is_empty() => {
+                sub.epoch = epoch;
+                if sub.topic.head() <= sub.cursor.seq {
+                    // Nothing after the cursor yet; the ring will ring us.
+                    set_catching_up(sub, false, &ctx.metrics);
                     return Ok(Step::Idle);
                 }
-            };
-            ctx.metrics.resets_sent.fetch_add(1, Relaxed);
-            out.feed(text(protocol::reset_frame(
+                // The ring is ahead of the log: its history was trimmed
+                // away under the cursor, or the ring is not yet checked
+                // against the log (the fetcher settles that and rings us).
+                None
+            }
+            // The log does not continue from the cursor: history was
+            // trimmed.
+            Batch::Frames(_) => Some(reset_reason::HISTORY_TRIMMED),
+            // The log does not hold the event the cursor names.
+            Batch::Diverged => Some(reset_reason::HISTORY_DIVERGED),
+        };
+        drop(reserved);
+        let state = match ctx.log.scope_state(scope).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the scope state failed; retrying");
+                self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                return Ok(Step::Idle);
+            }
+        };
+        let reason = match reason {
+            Some(reason) => reason,
+            None if state.trimmed_through > sub.cursor.seq => reset_reason::HISTORY_TRIMMED,
+            None => {
+                self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                return Ok(Step::Idle);
+            }
+        };
+        // Say so explicitly, then go on from the latest event.
+        if reason == reset_reason::HISTORY_DIVERGED {
+            tracing::info!(
                 scope,
-                latest,
-                reset_reason::HISTORY_TRIMMED,
-            )))
+                cursor = sub.cursor.seq,
+                latest = state.latest_seq,
+                "a subscriber's cursor names an event the log no longer holds; sending reset"
+            );
+        }
+        ctx.metrics.resets_sent.fetch_add(1, Relaxed);
+        out.feed(text(protocol::reset_frame(scope, state.latest(), reason)))
             .await?;
-            sub.cursor = latest;
-            // The skipped range may have held a membership change.
-            sub.recheck = true;
-            return Ok(Step::More);
-        }
-        sub.read_size.observe(&frames);
-        let written = send_frames(out, sub, &frames, &ctx.metrics).await?;
-        let whole = written.frames == frames.len();
-        // The batch and its reservation go now, written or not: what the
-        // socket did not take is read again from the log once it drains.
-        drop((frames, reserved));
-        if written.socket_full {
-            sub.read_size.socket_full(written.bytes);
-            return Ok(Step::SocketFull);
-        }
-        if whole {
-            sub.read_size.written_whole(ctx.limits.catchup_read);
-        }
+        sub.cursor = state.latest();
+        sub.epoch = epoch;
+        // The skipped range may have held a membership change.
+        sub.recheck = true;
         Ok(Step::More)
     }
 
@@ -1080,7 +1120,7 @@ where
         metrics
             .delivery_delay
             .observe_us(now_us.saturating_sub(frame.captured_us).max(0) as u64);
-        sub.cursor = frame.seq;
+        sub.cursor = Cursor::at(frame);
         written.frames += 1;
         written.bytes += frame.bytes.len();
         if frame.membership {
@@ -1116,4 +1156,31 @@ async fn tick_opt(timer: &mut Option<tokio::time::Interval>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// Where a subscription starts, and the `reset` it starts with, if any:
+/// from the latest event without `since`; from the client's cursor when the
+/// log can continue it (the first read checks that the log holds the event
+/// the cursor names); else from the latest event after a `reset`.
+fn resume_from(since: Option<Cursor>, state: &ScopeState) -> (Cursor, Option<&'static str>) {
+    let Some(since) = since else {
+        return (state.latest(), None);
+    };
+    if since.seq > state.latest_seq {
+        // Beyond anything the log holds: with a named event, history this
+        // client saw was lost; with a bare seq we can only say it is ahead.
+        let reason = if since.time_us.is_some() {
+            reset_reason::HISTORY_DIVERGED
+        } else {
+            reset_reason::SEQ_AHEAD
+        };
+        return (state.latest(), Some(reason));
+    }
+    if since.seq < state.trimmed_through {
+        return (state.latest(), Some(reset_reason::HISTORY_TRIMMED));
+    }
+    if since.seq == state.latest_seq && !since.names(state.latest_seq, state.latest_time_us) {
+        return (state.latest(), Some(reset_reason::HISTORY_DIVERGED));
+    }
+    (since, None)
 }

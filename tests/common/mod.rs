@@ -8,6 +8,10 @@
 
 #![allow(dead_code)] // each test binary uses a different part of this
 
+mod proxy;
+#[allow(unused_imports)]
+pub use proxy::FaultProxy;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
