@@ -15,6 +15,10 @@
 //!   no server behind.
 //! - It listens on 127.0.0.1 only, on a free port picked at start; the
 //!   Unix socket lives in our own directory.
+//!
+//! A running server can also give a hot standby of itself
+//! ([`PgServer::start_standby`], `pg_basebackup -R`), for the failover and
+//! read-replica tests.
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -192,6 +196,57 @@ impl PgServer {
     /// [`crash`](Self::crash), on the same port.
     pub fn start_again(&self) -> Result<(), EmbeddedPgError> {
         self.boot(self.port)
+    }
+
+    /// A hot standby of this server: `pg_basebackup -R` (which writes
+    /// `primary_conninfo` and `standby.signal`) into a fresh directory,
+    /// started with `options` on a free port; it streams from this server
+    /// from then on. The settings must not be below the primary's where
+    /// a standby needs that (`max_connections` and the like).
+    pub fn start_standby(&self, options: PgOptions) -> Result<PgServer, EmbeddedPgError> {
+        let work = tempfile::Builder::new()
+            .prefix("pgrelay-pg-standby-")
+            .tempdir()
+            .map_err(io_err("creating a temporary directory"))?;
+        give_to(work.path(), self.run_as)?;
+        let data_dir = work.path().join("data");
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D").arg(&data_dir).args([
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+        ]);
+        cmd.arg(self.port.to_string());
+        let out = cmd.output().map_err(io_err("running pg_basebackup"))?;
+        if !out.status.success() {
+            return Err(EmbeddedPgError::Command {
+                what: "pg_basebackup".into(),
+                status: out.status.to_string(),
+                output: format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            });
+        }
+        let standby = PgServer {
+            bin_dir: self.bin_dir.clone(),
+            data_dir,
+            work,
+            port: 0,
+            run_as: self.run_as,
+            settings: options.settings,
+            child: Mutex::new(None),
+        };
+        standby.boot_on_free_port()
     }
 
     fn initdb(&self) -> Result<(), EmbeddedPgError> {
@@ -386,14 +441,18 @@ fn spawn_from_keeper(cmd: Command) -> io::Result<Child> {
 }
 
 /// The postmaster writes its status into the last line of postmaster.pid;
-/// "ready" means it accepts connections (Postgres 10+).
+/// "ready" means it accepts connections (Postgres 10+), "standby" that a
+/// hot standby accepts read-only ones.
 fn postmaster_ready(pid_file: &Path, pid: u32) -> bool {
     let Ok(text) = fs::read_to_string(pid_file) else {
         return false;
     };
     let mut lines = text.lines();
     lines.next().map(str::trim) == Some(pid.to_string().as_str())
-        && text.lines().nth(7).map(str::trim) == Some("ready")
+        && matches!(
+            text.lines().nth(7).map(str::trim),
+            Some("ready" | "standby")
+        )
 }
 
 /// The directory holding initdb and postgres: `PGRELAY_PG_BIN`, then the

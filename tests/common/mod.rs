@@ -36,20 +36,25 @@ impl TestServer {
     /// The server shared by every test of this binary.
     pub fn shared() -> &'static TestServer {
         static SHARED: OnceLock<TestServer> = OnceLock::new();
-        SHARED.get_or_init(TestServer::dedicated_blocking)
+        SHARED.get_or_init(|| TestServer::dedicated_blocking(PgOptions::for_tests()))
     }
 
     /// A server of the caller's own, for fault injection.
     pub async fn dedicated() -> TestServer {
-        tokio::task::spawn_blocking(TestServer::dedicated_blocking)
+        TestServer::with_options(PgOptions::for_tests()).await
+    }
+
+    /// A server of the caller's own, with these settings.
+    pub async fn with_options(options: PgOptions) -> TestServer {
+        tokio::task::spawn_blocking(move || TestServer::dedicated_blocking(options))
             .await
             .expect("starting a dedicated test server")
     }
 
     /// Starts a server and migrates its template. Runs its own runtime on a
     /// plain thread so it can be called from inside a test's runtime.
-    fn dedicated_blocking() -> TestServer {
-        let pg = PgServer::start(PgOptions::for_tests()).expect("starting the test Postgres");
+    fn dedicated_blocking(options: PgOptions) -> TestServer {
+        let pg = PgServer::start(options).expect("starting the test Postgres");
         let admin = pg.url("postgres");
         let template = pg.url(TEMPLATE);
         std::thread::spawn(move || {
