@@ -513,3 +513,67 @@ async fn a_failover_that_lost_a_tail_resets_every_client_that_saw_it() {
     );
     relay.shutdown().await;
 }
+
+/// Without any failover: a cursor (since_seq with since_timestamp) resumes
+/// exactly where it says when the log holds its event, and is reset when it
+/// names an event the log does not hold; `subscribed` and `reset` carry the
+/// cursor to keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_resumes_only_from_an_event_the_log_holds() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "cur", &["ann"]).await;
+    let relay = start_relay(relay_config(&db.url)).await;
+    let mut ann = WsClient::connect(relay.addr, "ann").await;
+    let subscribed = ann.subscribe("cur", None).await;
+    let start = subscribed["seq"].as_u64().expect("seq");
+    let log = history(&db.url, "cur").await;
+    assert_eq!(
+        subscribed["timestamp"].as_str(),
+        log.last().map(|(_, t)| t.as_str()),
+        "subscribed names the latest event: {subscribed}"
+    );
+    insert(&db.url, "cur", 5).await;
+    let mut frames = Vec::new();
+    while frames.len() < 5 {
+        let f = ann.next_json(10).await;
+        if f["type"] == "cache_invalidate" {
+            frames.push(f);
+        }
+    }
+    let third = &frames[2];
+
+    // Held: the rest follows, no reset.
+    let mut back = WsClient::connect(relay.addr, "ann").await;
+    back.send_json(json!({"action": "subscribe", "project_id": "cur",
+        "since_seq": third["seq"], "since_timestamp": third["timestamp"]}))
+        .await;
+    assert_eq!(back.next_json(10).await["type"], "subscribed");
+    assert_eq!(
+        back.events_until("cur", start + 5, 10).await,
+        vec![start + 4, start + 5]
+    );
+
+    // The same seq with another time: not the event this client saw.
+    for (seq, ts) in [
+        (third["seq"].clone(), "2001-01-01T00:00:00.000001Z"),
+        (json!(start + 5), "2001-01-01T00:00:00.000001Z"),
+        (json!(start + 9), third["timestamp"].as_str().expect("ts")),
+    ] {
+        let mut other = WsClient::connect(relay.addr, "ann").await;
+        other
+            .send_json(json!({"action": "subscribe", "project_id": "cur",
+                "since_seq": seq, "since_timestamp": ts}))
+            .await;
+        assert_eq!(other.next_json(10).await["type"], "subscribed");
+        let reset = other.next_json(10).await;
+        assert_eq!(reset["type"], "reset", "{reset}");
+        assert_eq!(reset["reason"], "history_diverged", "{reset}");
+        assert_eq!(reset["seq"], start + 5);
+        assert_eq!(
+            reset["timestamp"], frames[4]["timestamp"],
+            "the reset names the latest event"
+        );
+    }
+    relay.shutdown().await;
+}

@@ -593,3 +593,66 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+    fn frame(seq: u64, us: i64) -> Frame {
+        Frame {
+            seq,
+            captured_us: us,
+            membership: false,
+            bytes: Utf8Bytes::from_static("{}"),
+        }
+    }
+
+    /// A topic whose ring holds 3, 4 and 5 (captured at 30, 40, 50) after
+    /// event 2 (captured at 20).
+    fn topic() -> Topic {
+        Topic {
+            scope: "s".into(),
+            state: Mutex::new(TopicState {
+                head: Cursor::new(5, Some(50)),
+                base: Cursor::new(2, Some(20)),
+                wanted: 5,
+                ring: [frame(3, 30), frame(4, 40), frame(5, 50)].into(),
+                ring_bytes: 6,
+                subscribers: HashMap::new(),
+                verified: true,
+                epoch: 0,
+            }),
+        }
+    }
+
+    fn seqs(read: RingRead) -> Option<Vec<u64>> {
+        match read {
+            RingRead::Frames(frames) => Some(frames.iter().map(|f| f.seq).collect()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn the_ring_serves_a_cursor_only_if_it_holds_the_very_event() {
+        let t = topic();
+        let read = |seq, us, epoch| t.read_after(Cursor::new(seq, us), epoch, 10);
+        assert_eq!(seqs(read(3, Some(30), 0)), Some(vec![4, 5]));
+        assert_eq!(seqs(read(2, Some(20), 0)), Some(vec![3, 4, 5]));
+        // Another event at the same seq: the log must decide.
+        assert!(matches!(read(3, Some(31), 0), RingRead::Lagged));
+        assert!(matches!(read(2, Some(21), 0), RingRead::Lagged));
+        assert!(matches!(read(5, Some(51), 0), RingRead::Lagged));
+        // A cursor not known by name is taken on trust (since_seq alone).
+        assert_eq!(seqs(read(3, None, 0)), Some(vec![4, 5]));
+        assert!(matches!(read(5, Some(50), 0), RingRead::UpToDate));
+        // Behind the ring, or ahead of a topic that lags: as before.
+        assert!(matches!(read(1, Some(10), 0), RingRead::Lagged));
+        assert!(matches!(read(7, Some(70), 0), RingRead::UpToDate));
+        // Checked in another epoch, or a ring not checked since a
+        // connection loss: never served.
+        assert!(matches!(read(3, Some(30), 1), RingRead::Lagged));
+        t.lock().verified = false;
+        assert!(matches!(read(3, Some(30), 0), RingRead::Lagged));
+    }
+}
