@@ -51,6 +51,12 @@ pub struct RelayConfig {
     /// Deadline of every query the relay issues; a connection that misses
     /// it is discarded (`PGRELAY_QUERY_TIMEOUT`).
     pub query_timeout: Duration,
+    /// Hot standbys for live and catch-up log reads
+    /// (`PGRELAY_READ_REPLICA_URLS`).
+    pub replica_urls: Vec<String>,
+    /// Longest wait for a standby behind what a notice announced, before
+    /// the primary is read (`PGRELAY_REPLICA_WAIT`).
+    pub replica_wait: Duration,
     /// The NOTIFY channel (`PGRELAY_CHANNEL`).
     pub channel: String,
     /// How client tokens are checked.
@@ -123,6 +129,8 @@ impl RelayConfig {
             listen_database_url: None,
             transaction_pooler: false,
             query_timeout: Duration::from_secs(5),
+            replica_urls: Vec::new(),
+            replica_wait: Duration::from_millis(50),
             channel: "cache_invalidate".into(),
             auth: AuthConfig {
                 hs256_secret: Some(jwt_secret.into()),
@@ -199,6 +207,14 @@ pub struct ServeArgs {
     /// How often the LISTEN connection proves itself.
     #[arg(long, env = "PGRELAY_PROBE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub probe_interval: Duration,
+    /// Hot standbys of the primary for reading the event log, separated by
+    /// `;` (LISTEN, authorization, the API and writes stay on the primary).
+    #[arg(long, env = "PGRELAY_READ_REPLICA_URLS", value_delimiter = ';')]
+    pub read_replica_urls: Vec<String>,
+    /// Longest wait for a standby that lags behind a notice before the
+    /// primary is read instead.
+    #[arg(long, env = "PGRELAY_REPLICA_WAIT", default_value = "50ms", value_parser = parse_duration)]
+    pub replica_wait: Duration,
     /// How often subscribed projects are read while LISTEN is not proven.
     #[arg(long, env = "PGRELAY_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
     pub poll_interval: Duration,
@@ -371,6 +387,13 @@ impl ServeArgs {
         config.query_timeout = self.query_timeout;
         config.probe_interval = self.probe_interval;
         config.poll_interval = self.poll_interval;
+        config.replica_urls = self
+            .read_replica_urls
+            .iter()
+            .filter(|u| !u.trim().is_empty())
+            .cloned()
+            .collect();
+        config.replica_wait = self.replica_wait;
         config.max_frame_bytes = self.max_frame_bytes;
         config.max_subscriptions_per_connection = self.max_subscriptions;
         config.max_connections_per_user = self.max_connections_per_user;

@@ -103,6 +103,13 @@ pub struct Metrics {
     pub divergences: AtomicU64,
     /// Database connections discarded because a query missed its deadline.
     pub db_timeouts: AtomicU64,
+    /// Log reads answered by a hot standby.
+    pub replica_reads: AtomicU64,
+    /// Reads that waited for a standby behind the seq a notice announced.
+    pub replica_lag_waits: AtomicU64,
+    /// Reads sent to the primary after a standby was behind (past the
+    /// wait), failed, or disowned a cursor.
+    pub replica_fallbacks: AtomicU64,
     /// Client frames refused with an `error` frame.
     pub client_errors: AtomicU64,
     /// Subscriptions ended because a re-check found access revoked, over
@@ -288,7 +295,7 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &AtomicU64, &str); 20] = [
+        let counters: [(&str, &AtomicU64, &str); 23] = [
             (
                 "catchup_deferred_total",
                 &self.catchup_deferred,
@@ -303,6 +310,21 @@ impl Metrics {
                 "over_capacity_total",
                 &self.over_capacity,
                 "Connections refused with 503 because a connection cap was reached.",
+            ),
+            (
+                "replica_reads_total",
+                &self.replica_reads,
+                "Event-log reads answered by a hot standby.",
+            ),
+            (
+                "replica_lag_waits_total",
+                &self.replica_lag_waits,
+                "Reads that waited for a standby behind the seq a notice announced.",
+            ),
+            (
+                "replica_fallbacks_total",
+                &self.replica_fallbacks,
+                "Reads made on the primary because a standby was behind past the wait, failed, or disowned a cursor.",
             ),
             (
                 "divergences_total",

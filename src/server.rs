@@ -94,7 +94,20 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
         },
     )?;
     let pool_handle = pool.clone();
-    let log = EventLog::new(pool, metrics.clone(), &config.membership_resources);
+    let mut replicas = Vec::new();
+    for (i, url) in config.replica_urls.iter().enumerate() {
+        replicas.push(connect::pool(
+            url,
+            &PoolOptions {
+                name: format!("replica {}", i + 1),
+                size: config.pool_size,
+                query_timeout: config.query_timeout,
+                statements,
+            },
+        )?);
+    }
+    let log = EventLog::new(pool, metrics.clone(), &config.membership_resources)
+        .with_replicas(replicas, config.replica_wait);
     let hub = Arc::new(Hub::new(
         log.clone(),
         metrics.clone(),
@@ -122,6 +135,12 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
     let (listening_tx, listening_rx) = watch::channel(false);
 
     background.spawn(hub.clone().run_fetcher(shutdown.clone()));
+    if !config.replica_urls.is_empty() {
+        background.spawn(
+            log.clone()
+                .run_replica_checks(config.probe_interval, shutdown.clone()),
+        );
+    }
     background.spawn(hub.clone().run_poller(
         listening_rx.clone(),
         config.poll_interval,

@@ -577,3 +577,106 @@ async fn a_cursor_resumes_only_from_an_event_the_log_holds() {
     }
     relay.shutdown().await;
 }
+
+/// Log reads from a hot standby, with its replay paused for 3 s under
+/// writes: everything arrives once, in order, and late by no more than the
+/// replica wait plus a primary read, never by the lag (the resync safety net
+/// is pushed out of the way so it cannot hide a missing fallback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_from_a_lagging_standby_lose_nothing_and_wait_a_bounded_time() {
+    let pair = Pair::start(false, "rep", &["ann", "bob"]).await;
+    let mut config = relay_config(&pair.db.url);
+    config.replica_urls = vec![pair.standby_url()];
+    config.resync_interval = Duration::from_secs(600);
+    let relay = start_relay(config).await;
+    let ann = Watcher::start(relay.addr, "ann", "rep", json!({})).await;
+    let start = ann.frames()[0].0["seq"].as_u64().expect("seq");
+    // A standby that streams is used as soon as it is checked.
+    for _ in 0..100 {
+        insert(&pair.db.url, "rep", 1).await;
+        if relay.metrics.replica_reads.load(Relaxed) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        relay.metrics.replica_reads.load(Relaxed) > 0,
+        "the standby was read"
+    );
+
+    let url = pair.db.url.clone();
+    let writer = tokio::spawn(async move {
+        let c = client_of(&url).await;
+        for i in 0..300 {
+            c.execute(
+                "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('rep', 'ann', $1)",
+                &[&format!("w{i}")],
+            )
+            .await
+            .expect("insert");
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let s = client_of(&pair.standby_url()).await;
+    s.batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    let fallbacks_before = relay.metrics.replica_fallbacks.load(Relaxed);
+    // bob catches up from 0 while the standby lags.
+    let bob = Watcher::start(relay.addr, "bob", "rep", json!({"since_seq": 0})).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.batch_execute("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+    writer.await.expect("writer");
+
+    let last = history(&pair.db.url, "rep")
+        .await
+        .last()
+        .map(|(s, _)| *s)
+        .expect("events");
+    ann.until_seq(last, 30).await;
+    bob.until_seq(last, 30).await;
+    assert_contiguous(&seqs(&ann.events()), start + 1, last, "ann");
+    assert_contiguous(&seqs(&bob.events()), 1, last, "bob (from 0)");
+    let mut late: Vec<f64> = ann
+        .frames()
+        .iter()
+        .filter(|(f, _)| f["type"] == "cache_invalidate")
+        .map(|(f, at)| {
+            let ts =
+                pgrelay::relay::protocol::parse_timestamp(f["timestamp"].as_str().expect("ts"))
+                    .expect("timestamp");
+            let arrived = chrono::Utc::now().timestamp_micros() - at.elapsed().as_micros() as i64;
+            (arrived - ts) as f64 / 1000.0
+        })
+        .collect();
+    late.sort_by(f64::total_cmp);
+    let (p50, max) = (late[late.len() / 2], late[late.len() - 1]);
+    let m = &relay.metrics;
+    assert!(
+        m.replica_lag_waits.load(Relaxed) > 0,
+        "reads waited for the lagging standby"
+    );
+    assert!(
+        m.replica_fallbacks.load(Relaxed) > fallbacks_before,
+        "reads went to the primary while the standby lagged"
+    );
+    assert!(
+        max < 1500.0,
+        "an event was {max:.0} ms late: the lag leaked through"
+    );
+    println!(
+        "reads from a standby paused for 3 s under writes: ann {} events from {} and bob {} from 0, in order, once; \
+         commit-to-delivery p50 {p50:.1} ms, max {max:.1} ms (replica wait 50 ms); standby reads {}, lag waits {}, \
+         primary fallbacks {}",
+        ann.events().len(),
+        start + 1,
+        bob.events().len(),
+        m.replica_reads.load(Relaxed),
+        m.replica_lag_waits.load(Relaxed),
+        m.replica_fallbacks.load(Relaxed),
+    );
+    relay.shutdown().await;
+}

@@ -37,7 +37,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::relay::log::{Cursor, EventLog, Frame, ManyBatch, ReadLimits};
+use crate::relay::log::{Cursor, EventLog, Frame, ManyBatch, ReadLimits, Wanted};
 
 /// Bounds of the hub.
 #[derive(Debug, Clone, Copy)]
@@ -308,6 +308,7 @@ impl Hub {
     /// connection has checked its head; every topic is read at once.
     pub fn suspect_all(&self) {
         self.generation.fetch_add(1, Relaxed);
+        self.log.distrust_replicas();
         let topics: Vec<Arc<Topic>> = self.topics().values().cloned().collect();
         for topic in &topics {
             topic.lock().verified = false;
@@ -341,9 +342,13 @@ impl Hub {
                 if batch.is_empty() {
                     break;
                 }
-                let wanted: Vec<(String, Cursor)> = batch
+                let wanted: Vec<Wanted> = batch
                     .iter()
-                    .map(|read| (read.topic.scope.clone(), read.head))
+                    .map(|read| Wanted {
+                        scope: read.topic.scope.clone(),
+                        after: read.head,
+                        announced: (read.reason == Reason::Notice).then_some(read.wanted_at_start),
+                    })
                     .collect();
                 let generation = self.generation();
                 let result = tokio::select! {

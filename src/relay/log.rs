@@ -7,10 +7,27 @@
 //! capture time), and the log answers [`Batch::Diverged`] when it no longer
 //! holds that event (G8): the history after it is not the one its reader
 //! saw. Every query is bounded in time by the pool (G6).
+//!
+//! Reads may go to hot standbys (`PGRELAY_READ_REPLICA_URLS`): live reads
+//! announced by a notice, and catch-up reads. A standby is a prefix of the
+//! primary's history, so what it returns is correct but may be short: a
+//! read that does not reach the seq its caller knows exists (a notice's, or
+//! the topic's head) is retried on the standby for at most `replica_wait`,
+//! then made on the primary; so lag never loses or reorders an event, and
+//! delays one by at most `replica_wait` plus one read. A standby that
+//! disowns a cursor is not believed: the primary decides. Resyncs (which
+//! look for events no notice announced), subscribe, authorization and the
+//! API read the primary. A standby is used only while its WAL receiver is
+//! streaming, checked every probe interval and after any connection loss,
+//! so one left behind on an old timeline after a failover is not read.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::Type;
@@ -150,10 +167,40 @@ const READ_FRAMES_CHECKED_MANY: &str =
     "SELECT scope, seq, created_at, resource, frame, membership \
      FROM relay.read_frames_checked_many($1, $2, $3, $4, $5)";
 
+/// One scope a fetch wants.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub scope: String,
+    /// Frames after this event.
+    pub after: Cursor,
+    /// The seq a notice announced: a standby may serve the read if it
+    /// reaches it. `None` (a resync, looking for what no notice announced)
+    /// reads the primary.
+    pub announced: Option<u64>,
+}
+
+/// Hot standbys to read from, and whether each may be read now.
+struct Replicas {
+    pools: Vec<Replica>,
+    /// Round robin over the standbys.
+    next: AtomicUsize,
+    /// Longest wait for a lagging standby before the primary is read.
+    wait: Duration,
+    /// Rung to check the standbys again at once.
+    recheck: Notify,
+}
+
+struct Replica {
+    pool: BoundedPool,
+    /// Its WAL receiver streams: it follows the primary.
+    streaming: AtomicBool,
+}
+
 /// The pool-backed reader.
 #[derive(Clone)]
 pub struct EventLog {
     pool: BoundedPool,
+    replicas: Arc<Replicas>,
     metrics: Arc<Metrics>,
     /// Resources whose events change who may read a scope.
     membership_resources: Arc<[String]>,
@@ -163,8 +210,90 @@ impl EventLog {
     pub fn new(pool: BoundedPool, metrics: Arc<Metrics>, membership_resources: &[String]) -> Self {
         EventLog {
             pool,
+            replicas: Arc::new(Replicas {
+                pools: Vec::new(),
+                next: AtomicUsize::new(0),
+                wait: Duration::ZERO,
+                recheck: Notify::new(),
+            }),
             metrics,
             membership_resources: membership_resources.into(),
+        }
+    }
+
+    /// Reads live and catch-up frames from these standbys too, waiting at
+    /// most `wait` for one that lags.
+    pub fn with_replicas(mut self, pools: Vec<BoundedPool>, wait: Duration) -> Self {
+        self.replicas = Arc::new(Replicas {
+            pools: pools
+                .into_iter()
+                .map(|pool| Replica {
+                    pool,
+                    streaming: AtomicBool::new(false),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            wait,
+            recheck: Notify::new(),
+        });
+        self
+    }
+
+    /// A standby to read from now, if any.
+    fn replica(&self) -> Option<&BoundedPool> {
+        let pools = &self.replicas.pools;
+        if pools.is_empty() {
+            return None;
+        }
+        let start = self.replicas.next.fetch_add(1, Relaxed);
+        (0..pools.len())
+            .map(|i| &pools[(start + i) % pools.len()])
+            .find(|r| r.streaming.load(Relaxed))
+            .map(|r| &r.pool)
+    }
+
+    /// After a connection loss (a failover?): no standby is read until it
+    /// is seen streaming again.
+    pub fn distrust_replicas(&self) {
+        if self.replicas.pools.is_empty() {
+            return;
+        }
+        for replica in &self.replicas.pools {
+            replica.streaming.store(false, Relaxed);
+        }
+        self.replicas.recheck.notify_one();
+    }
+
+    /// Checks every `interval` (and when rung) which standbys stream.
+    pub async fn run_replica_checks(self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            for (i, replica) in self.replicas.pools.iter().enumerate() {
+                let streaming = replica
+                    .pool
+                    .query_one(
+                        "SELECT pg_is_in_recovery() AND EXISTS \
+                         (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+                        &[],
+                    )
+                    .await
+                    .map(|row| row.get::<_, Option<bool>>(0).unwrap_or(false));
+                let now = matches!(streaming, Ok(true));
+                if replica.streaming.swap(now, Relaxed) != now {
+                    match &streaming {
+                        Ok(_) => {
+                            tracing::info!(replica = i + 1, streaming = now, "read replica state")
+                        }
+                        Err(e) => {
+                            tracing::warn!(replica = i + 1, error = %e, "read replica unreachable")
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.replicas.recheck.notified() => {}
+            }
         }
     }
 
@@ -191,17 +320,45 @@ impl EventLog {
     }
 
     /// Frames of `scope` after `after`, in seq order, if the log still
-    /// holds the event `after` names.
+    /// holds the event `after` names; `known` is a seq the caller knows the
+    /// log holds (a standby's answer short of it is not taken).
     pub async fn frames_after(
         &self,
+        scope: &str,
+        after: Cursor,
+        limits: ReadLimits,
+        known: u64,
+    ) -> Result<Batch, LogError> {
+        if let Some(replica) = self.replica() {
+            match self.read_after(replica, scope, after, limits).await {
+                Ok(Batch::Frames(frames))
+                    if frames.first().map(|f| f.seq) == Some(after.seq + 1)
+                        || (frames.is_empty() && known <= after.seq) =>
+                {
+                    self.metrics.replica_reads.fetch_add(1, Relaxed);
+                    return Ok(Batch::Frames(frames));
+                }
+                // Behind, a hole, or the cursor disowned: the primary says.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading a replica failed; reading the primary")
+                }
+            }
+            self.metrics.replica_fallbacks.fetch_add(1, Relaxed);
+        }
+        self.read_after(&self.pool, scope, after, limits).await
+    }
+
+    async fn read_after(
+        &self,
+        pool: &BoundedPool,
         scope: &str,
         after: Cursor,
         limits: ReadLimits,
     ) -> Result<Batch, LogError> {
         let seq = after.seq as i64;
         let time = after.time();
-        let rows = self
-            .pool
+        let rows = pool
             .query(
                 READ_FRAMES_CHECKED,
                 &[
@@ -228,19 +385,70 @@ impl EventLog {
         Ok(Batch::Frames(frames))
     }
 
-    /// Frames of many scopes in one round trip: `(scope, after)` pairs in,
-    /// `(scope, frame)` out, grouped by scope in seq order, and the scopes
-    /// whose cursor the log does not hold.
+    /// Frames of many scopes: `(scope, frame)` out, grouped by scope in seq
+    /// order, and the scopes whose cursor the log does not hold. Announced
+    /// reads go to a standby when one streams (see the module doc).
     pub async fn frames_after_many(
         &self,
-        wanted: &[(String, Cursor)],
+        wanted: &[Wanted],
         limits: ReadLimits,
     ) -> Result<ManyBatch, LogError> {
-        let scopes: Vec<&str> = wanted.iter().map(|(s, _)| s.as_str()).collect();
-        let afters: Vec<i64> = wanted.iter().map(|(_, c)| c.seq as i64).collect();
-        let times: Vec<Option<DateTime<Utc>>> = wanted.iter().map(|(_, c)| c.time()).collect();
-        let rows = self
-            .pool
+        if self.replicas.pools.is_empty() || wanted.iter().all(|w| w.announced.is_none()) {
+            return self.read_many(&self.pool, wanted, limits).await;
+        }
+        let (mut pending, mut primary): (Vec<Wanted>, Vec<Wanted>) =
+            wanted.iter().cloned().partition(|w| w.announced.is_some());
+        let mut out = ManyBatch::default();
+        let deadline = tokio::time::Instant::now() + self.replicas.wait;
+        let mut waited = false;
+        let mut poll = LAG_POLL_FIRST;
+        while !pending.is_empty() {
+            let Some(replica) = self.replica() else {
+                break;
+            };
+            let batch = match self.read_many(replica, &pending, limits).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading a replica failed; reading the primary");
+                    break;
+                }
+            };
+            self.metrics.replica_reads.fetch_add(1, Relaxed);
+            pending = take_complete(pending, batch, limits, &mut out);
+            if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            // The standby lags behind what a notice announced.
+            if !waited {
+                waited = true;
+                self.metrics.replica_lag_waits.fetch_add(1, Relaxed);
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + poll)).await;
+            poll = (poll * 2).min(LAG_POLL_MAX);
+        }
+        if !pending.is_empty() {
+            self.metrics.replica_fallbacks.fetch_add(1, Relaxed);
+            primary.append(&mut pending);
+        }
+        if !primary.is_empty() {
+            let batch = self.read_many(&self.pool, &primary, limits).await?;
+            out.frames.extend(batch.frames);
+            out.diverged.extend(batch.diverged);
+        }
+        Ok(out)
+    }
+
+    /// One read of many scopes from `pool`.
+    async fn read_many(
+        &self,
+        pool: &BoundedPool,
+        wanted: &[Wanted],
+        limits: ReadLimits,
+    ) -> Result<ManyBatch, LogError> {
+        let scopes: Vec<&str> = wanted.iter().map(|w| w.scope.as_str()).collect();
+        let afters: Vec<i64> = wanted.iter().map(|w| w.after.seq as i64).collect();
+        let times: Vec<Option<DateTime<Utc>>> = wanted.iter().map(|w| w.after.time()).collect();
+        let rows = pool
             .query(
                 READ_FRAMES_CHECKED_MANY,
                 &[
@@ -335,6 +543,45 @@ impl EventLog {
             .await?;
         Ok(())
     }
+}
+
+/// How soon a lagging standby is asked again, within `replica_wait`: a
+/// standby usually trails the notice by a millisecond or two, so at first
+/// soon, then less often.
+const LAG_POLL_FIRST: Duration = Duration::from_millis(1);
+const LAG_POLL_MAX: Duration = Duration::from_millis(8);
+
+/// Moves what a standby answered for each scope into `out` when it is
+/// complete (it reaches the announced seq, or fills a batch), and returns
+/// the scopes it fell short on (behind, or a cursor it disowned).
+fn take_complete(
+    wanted: Vec<Wanted>,
+    batch: ManyBatch,
+    limits: ReadLimits,
+    out: &mut ManyBatch,
+) -> Vec<Wanted> {
+    let mut by_scope: std::collections::HashMap<String, Vec<Frame>> = Default::default();
+    for (scope, frame) in batch.frames {
+        by_scope.entry(scope).or_default().push(frame);
+    }
+    let mut short = Vec::new();
+    for w in wanted {
+        if batch.diverged.contains(&w.scope) {
+            short.push(w);
+            continue;
+        }
+        let frames = by_scope.remove(&w.scope).unwrap_or_default();
+        let reached = frames.last().map_or(w.after.seq, |f| f.seq);
+        let full = frames.len() >= limits.rows.max(1) as usize
+            || frames.iter().map(|f| f.bytes.len() as i64).sum::<i64>() >= limits.bytes;
+        if full || reached >= w.announced.unwrap_or(0) {
+            out.frames
+                .extend(frames.into_iter().map(|f| (w.scope.clone(), f)));
+        } else {
+            short.push(w);
+        }
+    }
+    short
 }
 
 impl EventLog {

@@ -961,7 +961,7 @@ impl Session {
                 ..wanted
             };
             ctx.log
-                .frames_after(scope, sub.cursor, limits)
+                .frames_after(scope, sub.cursor, limits, sub.topic.head())
                 .await
                 .map(|batch| {
                     let bytes = match &batch {
