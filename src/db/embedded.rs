@@ -165,6 +165,16 @@ impl PgServer {
         self.port
     }
 
+    /// The postmaster's process id while it runs (benchmarks sum the CPU
+    /// time of its process tree).
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(Child::id)
+    }
+
     /// A connection URL for `database` as the `postgres` superuser.
     pub fn url(&self, database: &str) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/{}", self.port, database)
