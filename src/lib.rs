@@ -14,7 +14,9 @@
 //!   private Postgres from the local server binaries (for `pgrelay serve`
 //!   without `DATABASE_URL`, and for the tests); [`db::demo`] seeds the
 //!   demo project; [`db::connect`] opens every connection (pool, LISTEN,
-//!   single) with the same policy.
+//!   single) with the same policy (timeouts, keepalives); [`db::pool`]
+//!   bounds every pooled query in time and discards a connection that
+//!   misses its deadline.
 //! - [`relay`]: the delivery path, in order.
 //!   - [`relay::listener`]: the one LISTEN connection; turns notices into
 //!     hints (scope, seq), proves itself, reconnects.

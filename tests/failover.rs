@@ -667,16 +667,41 @@ async fn reads_from_a_lagging_standby_lose_nothing_and_wait_a_bounded_time() {
         max < 1500.0,
         "an event was {max:.0} ms late: the lag leaked through"
     );
-    println!(
-        "reads from a standby paused for 3 s under writes: ann {} events from {} and bob {} from 0, in order, once; \
-         commit-to-delivery p50 {p50:.1} ms, max {max:.1} ms (replica wait 50 ms); standby reads {}, lag waits {}, \
-         primary fallbacks {}",
-        ann.events().len(),
-        start + 1,
-        bob.events().len(),
+    let (reads, waits, fallbacks) = (
         m.replica_reads.load(Relaxed),
         m.replica_lag_waits.load(Relaxed),
         m.replica_fallbacks.load(Relaxed),
+    );
+
+    // A standby that stops streaming (cut off, or left on an old timeline
+    // after a failover) is no longer read; delivery goes on from the
+    // primary. The probe interval is 2 s in tests.
+    pair.cut_replication().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let reads_cut = m.replica_reads.load(Relaxed);
+    insert(&pair.db.url, "rep", 20).await;
+    ann.until_seq(last + 20, 30).await;
+    assert_contiguous(
+        &seqs(&ann.events()),
+        start + 1,
+        last + 20,
+        "ann after the cut",
+    );
+    assert_eq!(
+        m.replica_reads.load(Relaxed),
+        reads_cut,
+        "a standby that does not stream is not read"
+    );
+    println!(
+        "reads from a standby paused for 3 s under writes: ann {} events from {} and bob {} from 0, in order, once; \
+         commit-to-delivery p50 {p50:.1} ms, max {max:.1} ms (replica wait 50 ms); standby reads {}, lag waits {}, \
+         primary fallbacks {}; once its WAL receiver stopped, 20 more events came from the primary, none from it",
+        ann.events().len() - 20,
+        start + 1,
+        bob.events().len(),
+        reads,
+        waits,
+        fallbacks,
     );
     relay.shutdown().await;
 }

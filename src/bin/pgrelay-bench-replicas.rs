@@ -104,7 +104,11 @@ fn server_cpu_seconds(postmaster: u32) -> f64 {
     let mut ticks = at(&own, 11) + at(&own, 12) + at(&own, 13) + at(&own, 14);
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             let f = fields(pid);
@@ -200,7 +204,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut relays = Vec::new();
     let mut addrs = Vec::new();
     for _ in 0..cli.relays {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cmd = std::process::Command::new(std::env::current_exe()?);
         cmd.args(["--relay-of", &url, "--listen", &addr.to_string()])
@@ -261,7 +267,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let Message::Text(text) = m else { continue };
                 if text.contains("\"type\":\"subscribed\"") {
                     subscribed.fetch_add(1, Relaxed);
-                } else if text.contains("\"type\":\"cache_invalidate\"") && measuring.load(Relaxed) {
+                } else if text.contains("\"type\":\"cache_invalidate\"") && measuring.load(Relaxed)
+                {
                     delivered.fetch_add(1, Relaxed);
                 }
             }

@@ -53,22 +53,6 @@ pub enum DbError {
     RowCount(usize),
 }
 
-impl DbError {
-    /// The database answered with an error of its own (a SQL error), as
-    /// opposed to being out of reach.
-    pub fn is_sql(&self) -> bool {
-        matches!(self, DbError::Query(e) if e.as_db_error().is_some())
-    }
-
-    /// The SQL error the database answered with, if that is what failed.
-    pub fn as_sql(&self) -> Option<&tokio_postgres::Error> {
-        match self {
-            DbError::Query(e) if e.as_db_error().is_some() => Some(e),
-            _ => None,
-        }
-    }
-}
-
 /// Whether a pool can serve, and if not, why; for `/healthz`.
 #[derive(Default)]
 pub struct PoolHealth {

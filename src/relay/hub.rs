@@ -16,13 +16,15 @@
 //! No silent divergence (G8). Cursors name events (seq and capture time),
 //! and a ring is served only while it is known to be the database's
 //! history:
-//! - every read of a topic continues from the cursor of its head, and the
-//!   log answers "diverged" when it no longer holds that event (a failover
-//!   that lost the last commits, a restore). The topic then drops its ring,
-//!   starts again from the log's latest event and moves to a new epoch;
-//! - when any database connection breaks, every topic is suspect until its
-//!   next read (with its head's cursor) succeeds on the new connection:
-//!   meanwhile subscribers read the log, never the ring;
+//! - when any database connection breaks, every topic is suspect (the
+//!   history may have changed behind it: a failover that lost the last
+//!   commits, a restore) until a *checked* read from its head's cursor
+//!   succeeds on a connection made since; meanwhile subscribers read the
+//!   log, never the ring. A checked read answers "diverged" when the log
+//!   no longer holds the head's event: the topic then drops its ring,
+//!   starts again from the log's latest event and moves to a new epoch.
+//!   Reads of a verified topic continue from cursors the log gave on a
+//!   connection that has not broken since, and need no check;
 //! - a subscriber is served from the ring only if the ring holds the very
 //!   event its cursor names, and only in the epoch it last checked its
 //!   cursor in; otherwise it reads the log, which checks its cursor and
@@ -159,6 +161,9 @@ struct PendingRead {
     /// The seq notices had announced when the read started; if the read
     /// does not reach it, the notice was not confirmed by the log.
     wanted_at_start: u64,
+    /// The ring was not verified when the read started: the read checks
+    /// that the log still holds `head`, and may verify the ring.
+    check: bool,
 }
 
 /// The fetcher's work list.
@@ -348,6 +353,7 @@ impl Hub {
                         scope: read.topic.scope.clone(),
                         after: read.head,
                         announced: (read.reason == Reason::Notice).then_some(read.wanted_at_start),
+                        check: read.check,
                     })
                     .collect();
                 let generation = self.generation();
@@ -403,15 +409,16 @@ impl Hub {
             .into_iter()
             .filter_map(|(scope, reason)| {
                 let topic = topics.get(&scope)?.clone();
-                let (head, wanted) = {
+                let (head, wanted, verified) = {
                     let s = topic.lock();
-                    (s.head, s.wanted)
+                    (s.head, s.wanted, s.verified)
                 };
                 Some(PendingRead {
                     topic,
                     reason,
                     head,
                     wanted_at_start: wanted,
+                    check: !verified,
                 })
             })
             .collect()
@@ -435,6 +442,7 @@ impl Hub {
             reason,
             head,
             wanted_at_start,
+            check,
         } in batch
         {
             if rows.diverged.contains(&topic.scope) {
@@ -445,9 +453,10 @@ impl Hub {
             let full = frames.len() >= self.limits.read.rows as usize
                 || frames.iter().map(|f| f.bytes.len() as i64).sum::<i64>()
                     >= self.limits.read.bytes;
-            // The log held the head this read continued from; if no
-            // connection broke meanwhile, the ring is the database's.
-            let vouched = generation == self.generation();
+            // A checked read found the head this read continued from in
+            // the log; if no connection broke meanwhile, the ring is the
+            // database's.
+            let vouched = check && generation == self.generation();
             self.publish(&topic, head, frames, reason, wanted_at_start, full, vouched);
             if full {
                 self.mark_dirty(&topic.scope, reason);

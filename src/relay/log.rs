@@ -4,9 +4,15 @@
 //! bytes. A notice is never trusted beyond "scope X may have news".
 //!
 //! Every read continues from a [`Cursor`], which names an event (seq and
-//! capture time), and the log answers [`Batch::Diverged`] when it no longer
-//! holds that event (G8): the history after it is not the one its reader
-//! saw. Every query is bounded in time by the pool (G6).
+//! capture time). A *checked* read (`relay.read_frames_checked*`) makes the
+//! log answer [`Batch::Diverged`] when it no longer holds that event (G8):
+//! the history after it is not the one its reader saw. Callers check when
+//! they cannot vouch for the cursor (the first read after a connection
+//! loss, a client's resume); a cursor that came from a read on a connection
+//! that has not broken since is the log's own, and a plain read
+//! (`relay.read_frames*`) is cheaper: the check costs about 90,000
+//! instructions a read (`bench/results/read-profile.md`). Every query is
+//! bounded in time by the pool (G6).
 //!
 //! Reads may go to hot standbys (`PGRELAY_READ_REPLICA_URLS`): live reads
 //! announced by a notice, and catch-up reads. A standby is a prefix of the
@@ -44,17 +50,6 @@ pub enum LogError {
     Connect(#[from] ConnectError),
     #[error("{0}")]
     Db(#[from] DbError),
-}
-
-impl LogError {
-    /// The database answered with a SQL error (as opposed to being out of
-    /// reach).
-    pub fn as_sql(&self) -> Option<&tokio_postgres::Error> {
-        match self {
-            LogError::Db(e) => e.as_sql(),
-            LogError::Connect(_) => None,
-        }
-    }
 }
 
 /// A position in a scope's history that names an event: the last event a
@@ -161,6 +156,10 @@ pub struct ReadLimits {
     pub bytes: i64,
 }
 
+const READ_FRAMES: &str = "SELECT seq, created_at, resource, frame, membership \
+     FROM relay.read_frames($1, $2, $3, $4)";
+const READ_FRAMES_MANY: &str = "SELECT scope, seq, created_at, resource, frame, membership \
+     FROM relay.read_frames_many($1, $2, $3, $4)";
 const READ_FRAMES_CHECKED: &str = "SELECT seq, created_at, resource, frame, membership \
      FROM relay.read_frames_checked($1, $2, $3, $4, $5)";
 const READ_FRAMES_CHECKED_MANY: &str =
@@ -177,6 +176,8 @@ pub struct Wanted {
     /// reaches it. `None` (a resync, looking for what no notice announced)
     /// reads the primary.
     pub announced: Option<u64>,
+    /// Check that the log still holds the event `after` names.
+    pub check: bool,
 }
 
 /// Hot standbys to read from, and whether each may be read now.
@@ -265,18 +266,33 @@ impl EventLog {
     }
 
     /// Checks every `interval` (and when rung) which standbys stream.
+    /// A WAL receiver's status is visible only to roles with the privileges
+    /// of `pg_read_all_stats`; without them a standby is never trusted, and
+    /// the log says what to grant.
     pub async fn run_replica_checks(self, interval: Duration, shutdown: CancellationToken) {
+        let mut advised = false;
         loop {
             for (i, replica) in self.replicas.pools.iter().enumerate() {
                 let streaming = replica
                     .pool
                     .query_one(
-                        "SELECT pg_is_in_recovery() AND EXISTS \
-                         (SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming')",
+                        "SELECT pg_is_in_recovery(), r.pid IS NOT NULL, r.status \
+                         FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true",
                         &[],
                     )
                     .await
-                    .map(|row| row.get::<_, Option<bool>>(0).unwrap_or(false));
+                    .map(|row| {
+                        let recovering: bool = row.get(0);
+                        let receiving: bool = row.get(1);
+                        let status: Option<String> = row.get(2);
+                        if recovering && receiving && status.is_none() && !advised {
+                            advised = true;
+                            tracing::error!(replica = i + 1,
+                                "cannot see whether the read replica streams: grant pg_read_all_stats to the relay's role \
+                                 (on the primary); until then the primary serves every read");
+                        }
+                        recovering && status.as_deref() == Some("streaming")
+                    });
                 let now = matches!(streaming, Ok(true));
                 if replica.streaming.swap(now, Relaxed) != now {
                     match &streaming {
@@ -319,18 +335,20 @@ impl EventLog {
         })
     }
 
-    /// Frames of `scope` after `after`, in seq order, if the log still
-    /// holds the event `after` names; `known` is a seq the caller knows the
-    /// log holds (a standby's answer short of it is not taken).
+    /// Frames of `scope` after `after`, in seq order; with `check`, only
+    /// if the log still holds the event `after` names. `known` is a seq the
+    /// caller knows the log holds (a standby's answer short of it is not
+    /// taken).
     pub async fn frames_after(
         &self,
         scope: &str,
         after: Cursor,
         limits: ReadLimits,
         known: u64,
+        check: bool,
     ) -> Result<Batch, LogError> {
         if let Some(replica) = self.replica() {
-            match self.read_after(replica, scope, after, limits).await {
+            match self.read_after(replica, scope, after, limits, check).await {
                 Ok(Batch::Frames(frames))
                     if frames.first().map(|f| f.seq) == Some(after.seq + 1)
                         || (frames.is_empty() && known <= after.seq) =>
@@ -346,7 +364,8 @@ impl EventLog {
             }
             self.metrics.replica_fallbacks.fetch_add(1, Relaxed);
         }
-        self.read_after(&self.pool, scope, after, limits).await
+        self.read_after(&self.pool, scope, after, limits, check)
+            .await
     }
 
     async fn read_after(
@@ -355,11 +374,12 @@ impl EventLog {
         scope: &str,
         after: Cursor,
         limits: ReadLimits,
+        check: bool,
     ) -> Result<Batch, LogError> {
         let seq = after.seq as i64;
         let time = after.time();
-        let rows = pool
-            .query(
+        let read = if check {
+            pool.query(
                 READ_FRAMES_CHECKED,
                 &[
                     (&scope, Type::TEXT),
@@ -370,9 +390,21 @@ impl EventLog {
                 ],
             )
             .await
-            .inspect_err(|_| {
-                self.metrics.log_errors.fetch_add(1, Relaxed);
-            })?;
+        } else {
+            pool.query(
+                READ_FRAMES,
+                &[
+                    (&scope, Type::TEXT),
+                    (&seq, Type::INT8),
+                    (&limits.rows, Type::INT4),
+                    (&limits.bytes, Type::INT8),
+                ],
+            )
+            .await
+        };
+        let rows = read.inspect_err(|_| {
+            self.metrics.log_errors.fetch_add(1, Relaxed);
+        })?;
         self.metrics.log_reads.fetch_add(1, Relaxed);
         self.metrics.log_rows.fetch_add(rows.len() as u64, Relaxed);
         let mut frames = Vec::with_capacity(rows.len());
@@ -438,7 +470,8 @@ impl EventLog {
         Ok(out)
     }
 
-    /// One read of many scopes from `pool`.
+    /// One read of many scopes from `pool`: checked if any of them asks
+    /// (rare: the first read after a connection loss), else plain.
     async fn read_many(
         &self,
         pool: &BoundedPool,
@@ -447,9 +480,9 @@ impl EventLog {
     ) -> Result<ManyBatch, LogError> {
         let scopes: Vec<&str> = wanted.iter().map(|w| w.scope.as_str()).collect();
         let afters: Vec<i64> = wanted.iter().map(|w| w.after.seq as i64).collect();
-        let times: Vec<Option<DateTime<Utc>>> = wanted.iter().map(|w| w.after.time()).collect();
-        let rows = pool
-            .query(
+        let read = if wanted.iter().any(|w| w.check) {
+            let times: Vec<Option<DateTime<Utc>>> = wanted.iter().map(|w| w.after.time()).collect();
+            pool.query(
                 READ_FRAMES_CHECKED_MANY,
                 &[
                     (&scopes, Type::TEXT_ARRAY),
@@ -460,9 +493,21 @@ impl EventLog {
                 ],
             )
             .await
-            .inspect_err(|_| {
-                self.metrics.log_errors.fetch_add(1, Relaxed);
-            })?;
+        } else {
+            pool.query(
+                READ_FRAMES_MANY,
+                &[
+                    (&scopes, Type::TEXT_ARRAY),
+                    (&afters, Type::INT8_ARRAY),
+                    (&limits.rows, Type::INT4),
+                    (&limits.bytes, Type::INT8),
+                ],
+            )
+            .await
+        };
+        let rows = read.inspect_err(|_| {
+            self.metrics.log_errors.fetch_add(1, Relaxed);
+        })?;
         self.metrics.log_reads.fetch_add(1, Relaxed);
         self.metrics.log_rows.fetch_add(rows.len() as u64, Relaxed);
         let mut out = ManyBatch {

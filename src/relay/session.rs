@@ -103,6 +103,10 @@ struct Subscription {
     /// The topic epoch in which the cursor was last checked against the
     /// log; the ring serves it only in that epoch.
     epoch: u64,
+    /// The hub's connection-loss generation in which the cursor was last
+    /// known to name an event of the log (`None`: never, a client's own
+    /// cursor). Otherwise the next read of the log checks it.
+    checked_in: Option<u64>,
     /// Fed from the log rather than the ring.
     catching_up: bool,
     /// A membership event was just sent: ask `relay.authorize` again
@@ -708,6 +712,9 @@ impl Session {
                 .subscribe(&scope, state.latest(), generation, self.wake.clone());
         self.ctx.metrics.subscriptions.fetch_add(1, Relaxed);
         let (cursor, reset) = resume_from(since, &state);
+        // The latest event was just read from the log; a client's cursor
+        // is checked by its first read.
+        let checked_in = (cursor == state.latest()).then_some(generation);
         self.subs.insert(
             scope.clone(),
             Subscription {
@@ -715,6 +722,7 @@ impl Session {
                 id,
                 cursor,
                 epoch,
+                checked_in,
                 catching_up: false,
                 recheck: false,
                 read_size: ReadSize::new(),
@@ -948,8 +956,11 @@ impl Session {
         // Behind the ring (or the ring cannot vouch for the cursor): one
         // batch from the log, sized to what this socket takes, reserved in
         // the relay-wide budget until written. The log checks that it still
-        // holds the cursor's event.
+        // holds the cursor's event unless the cursor came from the log in
+        // this generation and epoch.
         let epoch = sub.topic.epoch();
+        let generation = ctx.hub.generation();
+        let check = sub.checked_in != Some(generation) || sub.epoch != epoch;
         let wanted = sub.read_size.limits(ctx.limits.catchup_read);
         let read = {
             let Ok(_permit) = ctx.backfills.acquire().await else {
@@ -961,7 +972,7 @@ impl Session {
                 ..wanted
             };
             ctx.log
-                .frames_after(scope, sub.cursor, limits, sub.topic.head())
+                .frames_after(scope, sub.cursor, limits, sub.topic.head(), check)
                 .await
                 .map(|batch| {
                     let bytes = match &batch {
@@ -983,6 +994,7 @@ impl Session {
         let reason = match batch {
             Batch::Frames(frames) if frames.first().map(|f| f.seq) == Some(sub.cursor.seq + 1) => {
                 sub.epoch = epoch;
+                sub.checked_in = Some(generation);
                 sub.read_size.observe(&frames);
                 let written = send_frames(out, sub, &frames, &ctx.metrics).await?;
                 let whole = written.frames == frames.len();
@@ -1001,6 +1013,7 @@ impl Session {
             }
             Batch::Frames(frames) if frames.is_empty() => {
                 sub.epoch = epoch;
+                sub.checked_in = Some(generation);
                 if sub.topic.head() <= sub.cursor.seq {
                     // Nothing after the cursor yet; the ring will ring us.
                     set_catching_up(sub, false, &ctx.metrics);
@@ -1048,6 +1061,7 @@ impl Session {
             .await?;
         sub.cursor = state.latest();
         sub.epoch = epoch;
+        sub.checked_in = Some(generation);
         // The skipped range may have held a membership change.
         sub.recheck = true;
         Ok(Step::More)

@@ -3,8 +3,11 @@
 //! need no server set up beforehand.
 //!
 //! Tests that inject faults (stopping or restarting Postgres) take a
-//! [`TestServer::dedicated`] server of their own, so they never disturb the
-//! tests sharing the binary's server.
+//! [`TestServer::dedicated`] server of their own (or one with settings of
+//! their own, [`TestServer::with_options`], e.g. a primary for a standby),
+//! so they never disturb the tests sharing the binary's server. Network
+//! faults go through a [`FaultProxy`] (`proxy.rs`); `pgbouncer.rs` runs a
+//! real PgBouncer for the tests that need one.
 
 #![allow(dead_code)] // each test binary uses a different part of this
 

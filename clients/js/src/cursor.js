@@ -6,27 +6,39 @@
 // through these functions: what is kept after an event, after `subscribed`
 // and after `reset`; what a `subscribe` frame carries to resume; how an
 // event frame is placed relative to the cursor; and how a stored cursor is
-// read back. Today a cursor is the seq of the last event handed to the app.
-// When the relay names events by more than their seq (an epoch or event
-// id next to the seq), only this file changes: keep the identity in the
-// cursor, send it in `subscribeFields`, read it in `parse`.
+// read back.
+//
+// A cursor names an event, not only a number: the seq of the last event
+// handed to the app and that event's `timestamp` (its capture time, which
+// the relay's `subscribed` and `reset` frames carry too). The relay checks
+// on resume that its log still holds that very event, and answers `reset`
+// (`history_diverged`) when it does not: a failover that lost commits this
+// app already saw makes seqs repeat with other events, which a bare seq
+// cannot tell (docs/protocol.md, "Resume").
 
 /**
- * @typedef {{seq: number}} Cursor
- * @typedef {{seq: number}} PositionedFrame  an event, `subscribed` or `reset` frame
+ * @typedef {{seq: number, timestamp?: string}} Cursor
+ * @typedef {{seq: number, timestamp?: string|null}} PositionedFrame  an event, `subscribed` or `reset` frame
  */
+
+/** The cursor at `frame`'s position, with its event's name when it has one. */
+function at(frame) {
+  return typeof frame.timestamp === "string"
+    ? { seq: frame.seq, timestamp: frame.timestamp }
+    : { seq: frame.seq };
+}
 
 /** The cursor once `frame`, an event, has been handed to the app. */
 export function afterEvent(frame) {
-  return { seq: frame.seq };
+  return at(frame);
 }
 
 /**
  * The cursor a subscription without one takes from `subscribed`: live from
- * here on (the frame carries the latest seq at subscribe time).
+ * here on (the frame carries the latest event at subscribe time).
  */
 export function fromSubscribed(frame) {
-  return { seq: frame.seq };
+  return at(frame);
 }
 
 /**
@@ -35,7 +47,7 @@ export function fromSubscribed(frame) {
  * (a database restored, a history that diverged).
  */
 export function fromReset(frame) {
-  return { seq: frame.seq };
+  return at(frame);
 }
 
 /**
@@ -44,7 +56,10 @@ export function fromReset(frame) {
  * @param {Cursor|null} cursor
  */
 export function subscribeFields(cursor) {
-  return cursor ? { since_seq: cursor.seq } : {};
+  if (!cursor) return {};
+  return cursor.timestamp === undefined
+    ? { since_seq: cursor.seq }
+    : { since_seq: cursor.seq, since_timestamp: cursor.timestamp };
 }
 
 /**
@@ -75,7 +90,7 @@ export function orderKey(frame) {
  */
 export function parse(value) {
   if (value && typeof value === "object" && Number.isSafeInteger(value.seq) && value.seq >= 0) {
-    return { seq: value.seq };
+    return at(value);
   }
   return null;
 }

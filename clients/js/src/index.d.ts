@@ -29,7 +29,7 @@ export interface EventFrame<Row = any> {
 }
 
 export interface ResetInfo {
-  /** "history_trimmed", "seq_ahead", or a reason this SDK does not know yet (a reset all the same). */
+  /** "history_trimmed", "history_diverged", "seq_ahead", or a reason this SDK does not know yet (a reset all the same). */
   reason: string;
   seq: number;
   frame: object;

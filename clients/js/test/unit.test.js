@@ -66,6 +66,23 @@ test("reset moves the cursor wherever the relay says, even back, and clears what
   assert.deepEqual(sub._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 21 });
 });
 
+test("the cursor names its event: a resubscribe sends since_timestamp, a stored cursor keeps it", () => {
+  const at = (seq) => `2026-11-24T08:00:00.${String(seq).padStart(6, "0")}Z`;
+  const { sub } = subscription(null);
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 10, timestamp: at(10) });
+  assert.deepEqual(sub._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 10, since_timestamp: at(10) });
+  sub._onEvent({ ...ev(11), timestamp: at(11) });
+  assert.deepEqual(sub.cursor, { seq: 11, timestamp: at(11) });
+  const stored = JSON.parse(JSON.stringify(sub.cursor));
+  const back = subscription(stored).sub;
+  assert.deepEqual(back._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 11, since_timestamp: at(11) });
+  // A reset names the relay's latest event; a scope with none yet has a null timestamp.
+  back._onReset({ type: "reset", project_id: "p", seq: 7, reason: "history_diverged", timestamp: at(7) });
+  assert.deepEqual(back.cursor, { seq: 7, timestamp: at(7) });
+  back._onReset({ type: "reset", project_id: "p", seq: 0, reason: "history_diverged", timestamp: null });
+  assert.deepEqual(back._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 0 });
+});
+
 test("forbidden ends the subscription with a SubscriptionError; unavailable asks again", async () => {
   const { sub } = subscription({ seq: 1 });
   const errors = [];
