@@ -133,7 +133,11 @@ test("reset after trimming: the collection reloads and ends equal to the databas
   });
   await insertLoop(pg, db, "p", "bob", 20, 0, "before");
   await messages.ready;
-  await until(() => messages.size === 20, "the first 20 messages");
+  // Both the collection and the invalidation helper have seen the first 20
+  // live (history alone can fill the collection before the last events
+  // arrive, and an event cut off by the refusal below would then come
+  // only after the reset).
+  await until(() => messages.size === 20 && invalidated.message === 20, "the first 20 messages");
   proxy.refuse();
   await insertLoop(pg, db, "p", "bob", 30, 0, "gap");
   await pg.psql(db, "DELETE FROM chat.messages WHERE body IN ('before1', 'gap1')");
