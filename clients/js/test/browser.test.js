@@ -132,7 +132,14 @@ test("sends made offline are delivered once each, in order, after coming back", 
   await until(() => alice.page.evaluate(() => window.demo.client.state !== "connected"), "alice offline");
   const texts = Array.from({ length: 10 }, (_, i) => `offline from alice ${i + 1}`);
   await type(alice.page, texts);
-  const pendingWhileOffline = (await shown(alice.page)).pending;
+  // Rendering trails the last keystroke by a frame: wait for it (bounded),
+  // then check; a page that never shows all ten still fails here.
+  let pendingWhileOffline = 0;
+  try {
+    await until(async () => (pendingWhileOffline = (await shown(alice.page)).pending) >= 10, "ten pending sends shown");
+  } finally {
+    if (pendingWhileOffline !== 10) await alice.context.setOffline(false);
+  }
   assert.equal(pendingWhileOffline, 10, "shown as pending at once");
   await alice.context.setOffline(false);
   const aliceSees = await converged(alice, "alice's offline sends");
