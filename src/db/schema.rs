@@ -214,8 +214,8 @@ async fn migrate_with(client: &mut Client, apps: Apps) -> Result<Vec<String>, Sc
 
 async fn migrate_set(client: &mut Client, set: &Set) -> Result<Vec<String>, SchemaError> {
     let history = read_history(client, set.history).await?;
-    let pending = set
-        .migrations()
+    let migrations = set.migrations();
+    let pending = migrations
         .iter()
         .filter(|m| !history.contains_key(&m.version()))
         .count();
@@ -223,14 +223,10 @@ async fn migrate_set(client: &mut Client, set: &Set) -> Result<Vec<String>, Sche
         return Ok(Vec::new());
     }
     for (table, version, name, released) in AMENDED {
-        let amended = set
-            .migrations()
-            .into_iter()
-            .find(|m| m.version() == *version);
         if *table != set.history || history.get(version) != Some(&(name.to_string(), *released)) {
             continue;
         }
-        if let Some(m) = amended {
+        if let Some(m) = migrations.iter().find(|m| m.version() == *version) {
             client
                 .execute(
                     &format!("UPDATE {table} SET checksum = $1 WHERE version = $2"),
