@@ -427,3 +427,68 @@ async fn serve_as_a_role_that_may_not_migrate_says_to_run_migrate() {
         "{stderr}"
     );
 }
+
+/// A scheduled re-check asks about all of a connection's scopes in one
+/// call; when the rule hangs for one scope, only that subscription ends
+/// (G4), and the connection's other subscription keeps delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_that_hangs_for_one_scope_in_a_scheduled_recheck_ends_only_that_scope() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "p", &["ann"]).await;
+    seed_project(&c, "q", &["ann"]).await;
+    c.batch_execute(
+        "CREATE TABLE public.slow_scopes (scope text PRIMARY KEY);
+         CREATE OR REPLACE FUNCTION relay.authorize(user_id text, scope text) RETURNS boolean
+         LANGUAGE plpgsql STABLE AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM public.slow_scopes s WHERE s.scope = authorize.scope) THEN
+                 PERFORM pg_sleep(30);
+             END IF;
+             RETURN chat.authorize(user_id, scope);
+         END $$;",
+    )
+    .await
+    .expect("an app rule that can hang for one scope");
+    let mut config = relay_config(&db.url);
+    config.authorize_timeout = Duration::from_millis(500);
+    config.reauthorize_interval = Some(Duration::from_secs(1));
+    let relay = start_relay(config).await;
+    let mut ann = WsClient::connect(relay.addr, "ann").await;
+    let at = ann.subscribe("p", None).await["seq"].as_u64().expect("seq");
+    ann.subscribe("q", None).await;
+
+    c.execute("INSERT INTO public.slow_scopes VALUES ('q')", &[])
+        .await
+        .expect("the rule hangs for q");
+    // Within a few periods the schedule asks, the joint call times out, and
+    // each scope is asked alone: q fails, p is allowed.
+    let ended = ann.next_json(15).await;
+    assert_eq!(ended["type"], "error", "{ended}");
+    assert_eq!(ended["code"], "authorize_failed", "{ended}");
+    assert_eq!(ended["project_id"], "q", "{ended}");
+    for i in 0..5 {
+        c.execute(
+            "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('p', 'ann', $1)",
+            &[&format!("m{i}")],
+        )
+        .await
+        .expect("a message in p");
+    }
+    let seqs = ann.events_until("p", at + 5, 10).await;
+    common::assert_contiguous(&seqs, at + 1, at + 5, "ann in p");
+    // Further scheduled checks keep p (each is a joint call that answers
+    // now that q is gone): nothing ends it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.execute(
+        "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('p', 'ann', 'late')",
+        &[],
+    )
+    .await
+    .expect("a later message in p");
+    let frame = ann.next_json(10).await;
+    assert_eq!(frame["type"], "cache_invalidate", "{frame}");
+    assert_eq!(frame["seq"].as_u64(), Some(at + 6), "{frame}");
+    assert_eq!(relay.metrics.authorize_failures.load(Relaxed), 1);
+    relay.shutdown().await;
+}

@@ -115,6 +115,29 @@ async fn a_peer_that_stops_answering_pings_is_closed_as_unresponsive() {
     relay.shutdown().await;
 }
 
+/// The deadline runs from the ping, not from the next ping tick: with
+/// pings every 10 s and a 1 s timeout, a silent peer is closed about 11 s
+/// after connecting. The client reads nothing until 14 s: had the relay not
+/// closed it by then (the old check, on the tick, waited until 20 s), that
+/// read answers the ping and the connection lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_closed_pong_timeout_after_the_ping() {
+    let db = TestDb::new().await;
+    let mut config = relay_config(&db.url);
+    config.ping_interval = Duration::from_secs(10);
+    config.pong_timeout = Duration::from_secs(1);
+    let relay = start_relay(config).await;
+    let mut silent = WsClient::connect(relay.addr, "ann").await;
+    let connected = tokio::time::Instant::now();
+    // A frame first, so the first-frame limit is not what closes it; then
+    // nothing is read, so no ping is answered.
+    silent.send_json(json!({"action": "ping"})).await;
+    assert_eq!(silent.next_json(5).await["type"], "pong");
+    tokio::time::sleep_until(connected + Duration::from_secs(14)).await;
+    assert_eq!(silent.close_code(5).await, Some(4008));
+    relay.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_metrics_and_unknown_routes_answer_json_or_text() {
     let db = TestDb::new().await;

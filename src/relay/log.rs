@@ -526,15 +526,47 @@ impl EventLog {
 
     /// The app's rule (`relay.authorize`) for each of `scopes`, in one
     /// round trip, through `relay.authorize_each`: a rule that raises fails
-    /// for its scope alone. Past `timeout` the statement is cancelled, its
-    /// connection is discarded (never reused while the backend may still be
-    /// busy), and every scope of the call fails.
+    /// for its scope alone. Past `timeout` the statement is cancelled and
+    /// its connection discarded (never reused while the backend may still
+    /// be busy); the call cannot say which scope was slow, so each scope is
+    /// then asked alone, with a timeout of its own, and only the slow ones
+    /// fail (G4: a failing rule ends that subscription only).
     pub async fn authorize_each(
         &self,
         user_id: &str,
         scopes: &[String],
         timeout: Duration,
     ) -> Result<Vec<Verdict>, LogError> {
+        match self.authorize_once(user_id, scopes, timeout).await? {
+            Some(verdicts) => Ok(verdicts),
+            None if scopes.len() > 1 => {
+                let mut verdicts = Vec::with_capacity(scopes.len());
+                for chunk in scopes.chunks(AUTHORIZE_ALONE_AT_ONCE) {
+                    let alone = chunk.iter().map(|scope| {
+                        self.authorize_once(user_id, std::slice::from_ref(scope), timeout)
+                    });
+                    for (scope, answer) in chunk
+                        .iter()
+                        .zip(futures_util::future::join_all(alone).await)
+                    {
+                        let one = std::slice::from_ref(scope);
+                        verdicts.extend(answer?.unwrap_or_else(|| timed_out(one, timeout)));
+                    }
+                }
+                Ok(verdicts)
+            }
+            None => Ok(timed_out(scopes, timeout)),
+        }
+    }
+
+    /// One call of `relay.authorize_each`; `None` when it ran past
+    /// `timeout`.
+    async fn authorize_once(
+        &self,
+        user_id: &str,
+        scopes: &[String],
+        timeout: Duration,
+    ) -> Result<Option<Vec<Verdict>>, LogError> {
         let rows = self
             .pool
             .query_or_cancel(
@@ -544,28 +576,22 @@ impl EventLog {
             )
             .await?;
         let Some(rows) = rows else {
-            let failure = format!("the rule took longer than {timeout:?}");
-            return Ok(scopes
-                .iter()
-                .map(|scope| Verdict {
-                    scope: scope.clone(),
-                    outcome: Err(failure.clone()),
-                })
-                .collect());
+            return Ok(None);
         };
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                let failure: Option<String> = r.get(2);
-                Verdict {
-                    scope: r.get(0),
-                    outcome: match failure {
-                        Some(f) => Err(f),
-                        None => Ok(r.get::<_, Option<bool>>(1).unwrap_or(false)),
-                    },
-                }
-            })
-            .collect())
+        Ok(Some(
+            rows.into_iter()
+                .map(|r| {
+                    let failure: Option<String> = r.get(2);
+                    Verdict {
+                        scope: r.get(0),
+                        outcome: match failure {
+                            Some(f) => Err(f),
+                            None => Ok(r.get::<_, Option<bool>>(1).unwrap_or(false)),
+                        },
+                    }
+                })
+                .collect(),
+        ))
     }
 
     /// `pg_notification_queue_usage()`, for `/metrics`.
@@ -588,6 +614,22 @@ impl EventLog {
             .await?;
         Ok(())
     }
+}
+
+/// Scopes asked about alone at once after a call for several ran too
+/// long: each may hold a pooled connection for a whole timeout.
+const AUTHORIZE_ALONE_AT_ONCE: usize = 4;
+
+/// Every one of `scopes` failed: the rule ran past `timeout`.
+fn timed_out(scopes: &[String], timeout: Duration) -> Vec<Verdict> {
+    let failure = format!("the rule took longer than {timeout:?}");
+    scopes
+        .iter()
+        .map(|scope| Verdict {
+            scope: scope.clone(),
+            outcome: Err(failure.clone()),
+        })
+        .collect()
 }
 
 /// How soon a lagging standby is asked again, within `replica_wait`: a

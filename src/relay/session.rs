@@ -502,11 +502,14 @@ impl Session {
                     }
                 }
                 // Before `wake`: a long catch-up keeps `wake` ready all the
-                // time and must not starve the pings.
+                // time and must not starve the pings. The deadline runs
+                // from the oldest unanswered ping on its own timer, not on
+                // the ping tick, so a silent peer goes `pong_timeout` after
+                // that ping, as documented.
+                _ = sleep_until_opt(unanswered_since.map(|t| t + limits.pong_timeout)) => {
+                    return End::Close(close::UNRESPONSIVE, "no answer to pings");
+                }
                 _ = ping.tick() => {
-                    if unanswered_since.is_some_and(|t| t.elapsed() > limits.pong_timeout) {
-                        return End::Close(close::UNRESPONSIVE, "no answer to pings");
-                    }
                     let sent = async {
                         out.feed(Message::Ping(Default::default())).await?;
                         out.flush().await
