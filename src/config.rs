@@ -120,6 +120,20 @@ pub struct RelayConfig {
     pub shutdown_grace: Duration,
     /// Trimming of the event log; `None` leaves the log untrimmed.
     pub retention: Option<RetentionConfig>,
+    /// A dead relay's presence members leave within this, for everyone
+    /// (`PGRELAY_PRESENCE_TIMEOUT`).
+    pub presence_timeout: Duration,
+    /// Connections listed in one presence snapshot, at most.
+    pub presence_snapshot_max: usize,
+    /// Broadcasts and presence changes per second one project's clients
+    /// may send through this relay, together; twice that in a burst
+    /// (`PGRELAY_PROJECT_SIGNALS_PER_SECOND`).
+    pub project_signals_per_second: u32,
+    /// Where this relay runs (`PGRELAY_INSTANCE`; `serve` defaults to the
+    /// host name and listen address): a relay that starts with the name of
+    /// a dead one takes its presence members away at once. `None`: a name
+    /// of its own, so a predecessor's members leave when its lease runs out.
+    pub instance: Option<String>,
 }
 
 impl RelayConfig {
@@ -164,6 +178,10 @@ impl RelayConfig {
             probe_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
             retention: Some(RetentionConfig::default()),
+            presence_timeout: Duration::from_secs(15),
+            presence_snapshot_max: 1_000,
+            project_signals_per_second: 100,
+            instance: None,
         }
     }
 
@@ -322,6 +340,23 @@ pub struct ServeArgs {
     /// The NOTIFY channel the capture triggers use.
     #[arg(long, env = "PGRELAY_CHANNEL", default_value = "cache_invalidate")]
     pub channel: String,
+    /// A relay that dies (killed, cut off) has its presence members leave
+    /// within this, for everyone (at least 3s).
+    #[arg(long, env = "PGRELAY_PRESENCE_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub presence_timeout: Duration,
+    /// Broadcasts and presence changes per second one project's clients
+    /// may send through this relay, together (twice that in a burst).
+    #[arg(
+        long,
+        env = "PGRELAY_PROJECT_SIGNALS_PER_SECOND",
+        default_value_t = 100
+    )]
+    pub project_signals_per_second: u32,
+    /// This relay's name for presence (default: host name and listen
+    /// address). A relay that restarts under the same name takes its dead
+    /// predecessor's presence members away at once.
+    #[arg(long, env = "PGRELAY_INSTANCE")]
+    pub instance: Option<String>,
 }
 
 impl Default for ServeArgs {
@@ -410,6 +445,14 @@ impl ServeArgs {
             (!self.reauthorize_interval.is_zero()).then_some(self.reauthorize_interval);
         config.authorize_timeout = self.authorize_timeout;
         config.api_requests_per_second = self.api_requests_per_second;
+        config.presence_timeout = self.presence_timeout.max(Duration::from_secs(3));
+        config.project_signals_per_second = self.project_signals_per_second;
+        config.instance = Some(self.instance.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}/{}", self.listen)
+        }));
         config.retention = (!self.no_retention).then(|| RetentionConfig {
             interval: self.retention_interval,
             keep_min: self.retention_keep_min,

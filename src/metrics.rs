@@ -155,6 +155,92 @@ pub struct Metrics {
     pub over_capacity: AtomicU64,
     /// Connections closed because a stage took too long, by stage.
     pub timeouts: Timeouts,
+    /// Broadcasts and presence (G9).
+    pub signals: SignalMetrics,
+}
+
+/// What the relay counts of ephemeral signals (G9).
+#[derive(Default)]
+pub struct SignalMetrics {
+    /// Broadcasts this relay's clients sent that the database took.
+    pub broadcasts_in: AtomicU64,
+    /// Broadcasts refused: rate, size, the database (each also answered
+    /// with an error frame).
+    pub broadcasts_refused: AtomicU64,
+    /// Broadcast frames written to this relay's clients.
+    pub broadcasts_out: AtomicU64,
+    /// Broadcast frames dropped because a client's signal queue was full.
+    pub broadcasts_dropped: AtomicU64,
+    /// Notices received on the signal channel.
+    pub signal_notices: AtomicU64,
+    /// Connections present (in some scope's presence) through this relay.
+    pub presence_members: AtomicI64,
+    /// Presence joins, updates and leaves this relay wrote.
+    pub presence_changes: AtomicU64,
+    /// Members of dead relays this relay's sweeps took out of presence.
+    pub presence_expiries: AtomicU64,
+    /// Presence snapshots sent to clients.
+    pub presence_snapshots: AtomicU64,
+}
+
+impl SignalMetrics {
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP pgrelay_presence_members Connections present in some project's presence through this relay.
+             # TYPE pgrelay_presence_members gauge
+pgrelay_presence_members {}",
+            self.presence_members.load(Relaxed)
+        );
+        for (name, value, help) in [
+            (
+                "broadcasts_in_total",
+                &self.broadcasts_in,
+                "Broadcasts from this relay's clients that the database took.",
+            ),
+            (
+                "broadcasts_refused_total",
+                &self.broadcasts_refused,
+                "Broadcasts refused (rate, size, subscription, database), each answered with an error.",
+            ),
+            (
+                "broadcasts_out_total",
+                &self.broadcasts_out,
+                "Broadcast frames written to clients.",
+            ),
+            (
+                "broadcasts_dropped_total",
+                &self.broadcasts_dropped,
+                "Broadcast frames dropped because a client's signal queue was full (at most once).",
+            ),
+            (
+                "signal_notices_total",
+                &self.signal_notices,
+                "Notices received on the signal channel (broadcasts and presence diffs of every relay).",
+            ),
+            (
+                "presence_changes_total",
+                &self.presence_changes,
+                "Presence joins, updates and leaves this relay wrote to the database.",
+            ),
+            (
+                "presence_expiries_total",
+                &self.presence_expiries,
+                "Members of relays whose lease ran out, taken out of presence by this relay.",
+            ),
+            (
+                "presence_snapshots_total",
+                &self.presence_snapshots,
+                "Presence snapshots sent to clients.",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} counter\npgrelay_{name} {}",
+                value.load(Relaxed)
+            );
+        }
+    }
 }
 
 /// Connections closed for taking too long, one counter per stage.
@@ -416,6 +502,7 @@ impl Metrics {
             );
         }
         self.timeouts.render(&mut out);
+        self.signals.render(&mut out);
         self.delivery_delay.render(
             &mut out,
             "pgrelay_delivery_delay_seconds",

@@ -24,7 +24,9 @@ use crate::relay::budget::CatchupBudget;
 use crate::relay::hub::{Hub, HubLimits};
 use crate::relay::listener::{self, ListenHealth, Listener, ListenerConfig};
 use crate::relay::log::{EventLog, LogError, ReadLimits};
+use crate::relay::presence::{Presence, PresenceConfig};
 use crate::relay::session::{SessionContext, SessionLimits};
+use crate::relay::signal::Signals;
 use crate::retention;
 
 /// Why a relay could not start.
@@ -119,6 +121,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
                 bytes: config.read_bytes,
             },
             scopes_per_read: 64,
+            signals_per_second: config.project_signals_per_second,
         },
     ));
     // A broken pooled connection makes the hub distrust what it read
@@ -135,6 +138,29 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
     let (listening_tx, listening_rx) = watch::channel(false);
 
     background.spawn(hub.clone().run_fetcher(shutdown.clone()));
+    // Ephemeral signals (G9): presence in the database, broadcasts on the
+    // signal channel.
+    let relay_id = format!("{:012x}", rand::random::<u64>() >> 16);
+    let presence = Presence::new(
+        PresenceConfig {
+            instance: config
+                .instance
+                .clone()
+                .unwrap_or_else(|| format!("relay {relay_id}")),
+            relay_id,
+            timeout: config.presence_timeout,
+            max_snapshot_connections: config.presence_snapshot_max,
+        },
+        log.pool().clone(),
+        metrics.clone(),
+    );
+    background.spawn(presence.clone().run(shutdown.clone()));
+    let (signals, outgoing) = Signals::new(&config.channel, hub.clone(), presence, metrics.clone());
+    background.spawn(
+        signals
+            .clone()
+            .run_sender(outgoing, log.pool().clone(), shutdown.clone()),
+    );
     if !config.replica_urls.is_empty() {
         background.spawn(
             log.clone()
@@ -159,6 +185,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
             log: log.clone(),
             metrics: metrics.clone(),
             health: listen_health.clone(),
+            signals: signals.clone(),
         },
         listening_tx,
         shutdown.clone(),
@@ -178,6 +205,7 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
     let sessions = Arc::new(SessionContext {
         hub,
         log,
+        signals,
         metrics: metrics.clone(),
         backfills: Semaphore::new(config.max_concurrent_backfills.max(1)),
         budget: CatchupBudget::new(config.catchup_budget_bytes, metrics.clone()),

@@ -36,10 +36,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::relay::log::{Cursor, EventLog, Frame, ManyBatch, ReadLimits, Wanted};
+use crate::relay::mailbox::{Kind, Mailbox, Pushed};
+use crate::relay::rate::TokenBucket;
 
 /// Bounds of the hub.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +55,9 @@ pub struct HubLimits {
     pub read: ReadLimits,
     /// Most scopes read in one query.
     pub scopes_per_read: usize,
+    /// Broadcasts and presence changes a scope's clients on this relay may
+    /// send per second, together (twice that in a burst).
+    pub signals_per_second: u32,
 }
 
 /// Why a topic is read: a notice (the normal path), or a resync that looks
@@ -67,6 +73,10 @@ enum Reason {
 pub struct Topic {
     scope: String,
     state: Mutex<TopicState>,
+    /// The scope's signals (broadcasts, presence changes) sent through
+    /// this relay: one noisy project cannot take the database's NOTIFY
+    /// lock from the others (G9).
+    signal_rate: Mutex<TokenBucket>,
 }
 
 struct TopicState {
@@ -80,8 +90,9 @@ struct TopicState {
     /// Recent frames, contiguous seqs from `base` + 1 to `head`.
     ring: VecDeque<Frame>,
     ring_bytes: usize,
-    /// Subscriber id -> that session's wake-up.
-    subscribers: HashMap<u64, Arc<Notify>>,
+    /// Subscriber id -> that session's mailbox (its doorbell, and where
+    /// broadcasts go).
+    subscribers: HashMap<u64, Arc<Mailbox>>,
     /// The ring is known to be the database's history: read from it, with
     /// its head's cursor checked, since the last connection loss.
     verified: bool,
@@ -113,6 +124,14 @@ impl Topic {
     /// The last seq published.
     pub fn head(&self) -> u64 {
         self.lock().head.seq
+    }
+
+    /// Takes one of the scope's signal tokens (see [`HubLimits`]).
+    pub fn take_signal(&self) -> bool {
+        self.signal_rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// The current epoch (see [`TopicState::epoch`]).
@@ -242,7 +261,7 @@ impl Hub {
         scope: &str,
         latest: Cursor,
         generation: u64,
-        wake: Arc<Notify>,
+        mailbox: Arc<Mailbox>,
     ) -> (Arc<Topic>, u64, u64) {
         let id = self.next_subscriber.fetch_add(1, Relaxed);
         let mut topics = self.topics();
@@ -261,6 +280,7 @@ impl Hub {
                         verified: generation == self.generation(),
                         epoch: 0,
                     }),
+                    signal_rate: Mutex::new(TokenBucket::new(self.limits.signals_per_second)),
                 });
                 topics.insert(scope.to_string(), t.clone());
                 (t, true)
@@ -268,7 +288,7 @@ impl Hub {
         };
         let epoch = {
             let mut state = topic.lock();
-            state.subscribers.insert(id, wake);
+            state.subscribers.insert(id, mailbox);
             state.epoch
         };
         drop(topics);
@@ -327,6 +347,28 @@ impl Hub {
         for scope in scopes {
             self.mark_dirty(&scope, Reason::Resync);
         }
+    }
+
+    /// Hands a broadcast frame to every subscriber of `scope` on this
+    /// relay but the connection `except`; returns how many took it and how
+    /// many dropped it (their queue was full).
+    pub fn broadcast(&self, scope: &str, bytes: Utf8Bytes, except: Option<u64>) -> (u64, u64) {
+        let Some(topic) = self.topics().get(scope).cloned() else {
+            return (0, 0);
+        };
+        let scope: Arc<str> = Arc::from(scope);
+        let mailboxes: Vec<Arc<Mailbox>> = topic.lock().subscribers.values().cloned().collect();
+        let (mut queued, mut dropped) = (0, 0);
+        for mailbox in mailboxes {
+            if Some(mailbox.conn) == except {
+                continue;
+            }
+            match mailbox.push(&scope, Kind::Broadcast, bytes.clone()) {
+                Pushed::Dropped => dropped += 1,
+                _ => queued += 1,
+            }
+        }
+        (queued, dropped)
     }
 
     /// Number of topics (scopes with subscribers here).
@@ -491,10 +533,10 @@ impl Hub {
         s.wanted = state.latest_seq;
         s.epoch += 1;
         s.verified = generation == self.generation();
-        let wakes: Vec<Arc<Notify>> = s.subscribers.values().cloned().collect();
+        let wakes: Vec<Arc<Mailbox>> = s.subscribers.values().cloned().collect();
         drop(s);
         for wake in wakes {
-            wake.notify_one();
+            wake.wake();
         }
         // Anything committed after the state was read.
         self.mark_dirty(&topic.scope, Reason::Resync);
@@ -519,9 +561,9 @@ impl Hub {
         if vouched && !state.verified {
             state.verified = true;
             // Subscribers that went to the log meanwhile may return.
-            let wakes: Vec<Arc<Notify>> = state.subscribers.values().cloned().collect();
+            let wakes: Vec<Arc<Mailbox>> = state.subscribers.values().cloned().collect();
             for wake in wakes {
-                wake.notify_one();
+                wake.wake();
             }
         }
         let mut published = 0u64;
@@ -566,10 +608,10 @@ impl Hub {
         if reason == Reason::Resync {
             self.metrics.gaps_filled.fetch_add(published, Relaxed);
         }
-        let wakes: Vec<Arc<Notify>> = state.subscribers.values().cloned().collect();
+        let wakes: Vec<Arc<Mailbox>> = state.subscribers.values().cloned().collect();
         drop(state);
         for wake in wakes {
-            wake.notify_one();
+            wake.wake();
         }
     }
 
@@ -637,6 +679,7 @@ mod tests {
                 verified: true,
                 epoch: 0,
             }),
+            signal_rate: Mutex::new(TokenBucket::new(1)),
         }
     }
 

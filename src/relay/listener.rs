@@ -40,6 +40,7 @@ use crate::db::connect::{self, ConnectError};
 use crate::metrics::Metrics;
 use crate::relay::hub::Hub;
 use crate::relay::log::EventLog;
+use crate::relay::signal::Signals;
 
 /// How long a probe (either half) may take to come back.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -121,6 +122,9 @@ pub struct Listener {
     pub log: EventLog,
     pub metrics: Arc<Metrics>,
     pub health: Arc<ListenHealth>,
+    /// Broadcasts and presence diffs arrive on the same connection, on the
+    /// signal channel; after a loss, presence mirrors load again.
+    pub signals: Arc<Signals>,
 }
 
 /// Runs until shutdown, reconnecting as needed.
@@ -187,6 +191,7 @@ impl Listener {
         let driver = {
             let hub = self.hub.clone();
             let metrics = self.metrics.clone();
+            let signals = self.signals.clone();
             let channel = config.channel.clone();
             let probe_channel = probe_channel.clone();
             tokio::spawn(async move {
@@ -199,6 +204,9 @@ impl Listener {
                         }
                         Ok(AsyncMessage::Notification(n)) if n.channel() == channel => {
                             on_notice(n.payload(), &hub, &metrics);
+                        }
+                        Ok(AsyncMessage::Notification(n)) if n.channel() == signals.channel() => {
+                            signals.on_notice(n.payload());
                         }
                         Ok(_) => {}
                         Err(e) => {
@@ -221,8 +229,9 @@ impl Listener {
             tracing::debug!(error = %e, "could not ask the server for keepalives");
         }
         let listen = format!(
-            "LISTEN {}; LISTEN {}",
+            "LISTEN {}; LISTEN {}; LISTEN {}",
             quote_ident(&config.channel),
+            quote_ident(self.signals.channel()),
             quote_ident(&probe_channel)
         );
         bounded(client.batch_execute(&listen)).await?;
@@ -276,6 +285,7 @@ impl Listener {
                         self.metrics.listening.store(1, Relaxed);
                         listening.send_replace(true);
                         self.hub.resync_all();
+                        self.signals.presence().reload_all();
                         tracing::info!(channel = %config.channel, "listening");
                     }
                     config.probe_interval

@@ -46,10 +46,23 @@ pub mod code {
     /// The app's `relay.authorize` raised or ran past its timeout for this
     /// scope: the subscription ends; others go on.
     pub const AUTHORIZE_FAILED: &str = "authorize_failed";
+    /// A broadcast payload or a presence state over its limit (G9).
+    pub const TOO_LARGE: &str = "too_large";
 }
 
 /// Longest scope (project id) accepted, as in the SQL side.
 pub const MAX_SCOPE_LEN: usize = 256;
+/// Longest broadcast event name, as `relay.broadcast` takes it.
+pub const MAX_EVENT_LEN: usize = 64;
+/// Largest broadcast payload, in bytes of its compact JSON text
+/// (`relay.max_broadcast_bytes()`): a NOTIFY payload stops at 7,999 bytes,
+/// and the envelope (scope, event, sender) needs the rest.
+pub const MAX_BROADCAST_BYTES: usize = 6144;
+/// Largest presence state of one connection, in bytes of its compact JSON
+/// text (`relay.max_presence_bytes()`).
+pub const MAX_PRESENCE_BYTES: usize = 1024;
+/// Longest client-chosen `id` of a broadcast (asks for an acknowledgement).
+pub const MAX_ID_LEN: usize = 64;
 
 /// What a client may ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +71,20 @@ pub enum ClientMessage {
         scope: String,
         /// `since_seq`, named by `since_timestamp` when the client sent it.
         since: Option<Cursor>,
+        /// `"presence":true`: also receive the scope's presence (a
+        /// snapshot, then diffs).
+        presence: bool,
+    },
+    /// An ephemeral signal to the scope's other subscribers (G9).
+    Broadcast(Broadcast),
+    /// Join the scope's presence with `state` (compact JSON), or update it.
+    Presence {
+        scope: String,
+        state: String,
+    },
+    /// Leave the scope's presence, staying subscribed.
+    PresenceLeave {
+        scope: String,
     },
     Unsubscribe {
         scope: String,
@@ -67,6 +94,20 @@ pub enum ClientMessage {
     Auth {
         token: String,
     },
+}
+
+/// `{"action":"broadcast",..}` as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broadcast {
+    pub scope: String,
+    pub event: String,
+    /// The payload's compact JSON text (`null` when absent).
+    pub payload: String,
+    /// `"self":true`: the sender receives it too.
+    pub echo: bool,
+    /// A client-chosen id: the relay acknowledges the broadcast once the
+    /// database took it, and names the id in any error about it.
+    pub id: Option<String>,
 }
 
 /// Why a client frame was refused: becomes an `error` frame.
@@ -187,11 +228,50 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
                     Some(action),
                 ));
             }
+            let presence = match obj.get("presence") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        code::BAD_REQUEST,
+                        "\"presence\" must be true or false",
+                        Some(action),
+                    ))
+                }
+            };
             Ok(ClientMessage::Subscribe {
                 scope: scope()?,
                 since: since_seq.map(|seq| Cursor::new(seq, since_time)),
+                presence,
             })
         }
+        "broadcast" => parse_broadcast(&obj, scope()?).map(ClientMessage::Broadcast),
+        "presence" => {
+            let scope = scope()?;
+            let state = match obj.get("state") {
+                None | Some(Value::Null) => "{}".to_string(),
+                Some(state @ Value::Object(_)) => state.to_string(),
+                Some(_) => {
+                    return Err(ProtocolError::new(
+                        code::BAD_REQUEST,
+                        "\"state\" must be a JSON object",
+                        Some(action),
+                    ))
+                }
+            };
+            if state.len() > MAX_PRESENCE_BYTES {
+                return Err(ProtocolError::new(
+                    code::TOO_LARGE,
+                    format!(
+                        "\"state\" is {} bytes as compact JSON; presence holds at most {MAX_PRESENCE_BYTES}",
+                        state.len()
+                    ),
+                    Some(action),
+                ));
+            }
+            Ok(ClientMessage::Presence { scope, state })
+        }
+        "presence_leave" => Ok(ClientMessage::PresenceLeave { scope: scope()? }),
         "unsubscribe" => Ok(ClientMessage::Unsubscribe { scope: scope()? }),
         "ping" => Ok(ClientMessage::Ping),
         "auth" => match obj.get("token") {
@@ -204,10 +284,66 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
         },
         other => Err(ProtocolError::new(
             code::UNKNOWN_ACTION,
-            "unknown action; expected subscribe, unsubscribe, ping or auth",
+            "unknown action; expected subscribe, unsubscribe, ping, auth, broadcast, presence or presence_leave",
             Some(truncate(other, 64)),
         )),
     }
+}
+
+fn parse_broadcast(
+    obj: &serde_json::Map<String, Value>,
+    scope: String,
+) -> Result<Broadcast, ProtocolError> {
+    let action = Some("broadcast");
+    let bad = |message: &str| ProtocolError::new(code::BAD_REQUEST, message, action);
+    let event = match obj.get("event") {
+        Some(Value::String(e))
+            if !e.is_empty() && e.len() <= MAX_EVENT_LEN && !e.chars().any(char::is_control) =>
+        {
+            e.clone()
+        }
+        _ => {
+            return Err(bad(&format!(
+            "\"event\" must be a string of 1 to {MAX_EVENT_LEN} bytes without control characters"
+        )))
+        }
+    };
+    let payload = obj.get("payload").unwrap_or(&Value::Null).to_string();
+    if payload.len() > MAX_BROADCAST_BYTES {
+        return Err(ProtocolError::new(
+            code::TOO_LARGE,
+            format!(
+                "\"payload\" is {} bytes as compact JSON; a broadcast carries at most {MAX_BROADCAST_BYTES}",
+                payload.len()
+            ),
+            action,
+        ));
+    }
+    let echo = match obj.get("self") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("\"self\" must be true or false")),
+    };
+    let id = match obj.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id))
+            if !id.is_empty() && id.len() <= MAX_ID_LEN && !id.chars().any(char::is_control) =>
+        {
+            Some(id.clone())
+        }
+        Some(_) => {
+            return Err(bad(&format!(
+                "\"id\" must be a string of 1 to {MAX_ID_LEN} bytes without control characters"
+            )))
+        }
+    };
+    Ok(Broadcast {
+        scope,
+        event,
+        payload,
+        echo,
+        id,
+    })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -273,6 +409,37 @@ pub fn reset_frame(scope: &str, latest: Cursor, reason: &str) -> String {
     .to_string()
 }
 
+/// `{"type":"broadcast","project_id":..,"event":..,"from":..,"payload":..}`:
+/// built once per broadcast on each relay and shared by its subscribers.
+/// `payload` is JSON text, spliced in as is.
+pub fn broadcast_frame(scope: &str, event: &str, from: Option<&str>, payload: &str) -> String {
+    let quote = |s: &str| Value::String(s.to_string()).to_string();
+    let from = from.map_or_else(|| "null".to_string(), quote);
+    format!(
+        r#"{{"type":"broadcast","project_id":{},"event":{},"from":{from},"payload":{payload}}}"#,
+        quote(scope),
+        quote(event)
+    )
+}
+
+/// `{"type":"broadcast_ack","project_id":..,"id":..}`: the database took
+/// the broadcast with this `id`; every relay is getting it.
+pub fn broadcast_ack_frame(scope: &str, id: &str) -> String {
+    json!({"type": "broadcast_ack", "project_id": scope, "id": id}).to_string()
+}
+
+/// `{"type":"presence_joined","project_id":..,"connection":..}`: this
+/// connection's presence (join or update) is stored where every relay sees
+/// it; `connection` is how the members lists name it.
+pub fn presence_joined_frame(scope: &str, connection: &str) -> String {
+    json!({"type": "presence_joined", "project_id": scope, "connection": connection}).to_string()
+}
+
+/// `{"type":"presence_left","project_id":..}`.
+pub fn presence_left_frame(scope: &str) -> String {
+    json!({"type": "presence_left", "project_id": scope}).to_string()
+}
+
 pub fn pong_frame() -> String {
     r#"{"type":"pong"}"#.to_string()
 }
@@ -287,6 +454,23 @@ pub fn error_frame(code: &str, message: &str, action: Option<&str>, scope: Optio
     v.to_string()
 }
 
+/// An error about a broadcast or presence request of `scope`, naming the
+/// broadcast's `id` when it had one.
+pub fn signal_error_frame(
+    code: &str,
+    message: &str,
+    action: &str,
+    scope: &str,
+    id: Option<&str>,
+) -> String {
+    let mut v = json!({"type": "error", "code": code, "message": message, "ref": action,
+                       "project_id": scope});
+    if let Some(id) = id {
+        v["id"] = Value::String(id.to_string());
+    }
+    v.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,14 +481,16 @@ mod tests {
             parse(r#"{"action":"subscribe","project_id":"p","since_seq":42}"#),
             Ok(ClientMessage::Subscribe {
                 scope: "p".into(),
-                since: Some(Cursor::new(42, None))
+                since: Some(Cursor::new(42, None)),
+                presence: false,
             })
         );
         assert_eq!(
             parse(r#"{"action":"subscribe","project_id":"p"}"#),
             Ok(ClientMessage::Subscribe {
                 scope: "p".into(),
-                since: None
+                since: None,
+                presence: false,
             })
         );
         assert_eq!(
@@ -325,7 +511,8 @@ mod tests {
             )),
             Ok(ClientMessage::Subscribe {
                 scope: "p".into(),
-                since: Some(Cursor::new(42, Some(us)))
+                since: Some(Cursor::new(42, Some(us))),
+                presence: false,
             })
         );
         for bad in [
@@ -343,7 +530,8 @@ mod tests {
             parse(r#"{"action":"subscribe","project_id":42}"#),
             Ok(ClientMessage::Subscribe {
                 scope: "42".into(),
-                since: None
+                since: None,
+                presence: false,
             })
         );
         assert_eq!(
@@ -380,5 +568,97 @@ mod tests {
             "x".repeat(300)
         );
         assert_eq!(parse(&long).unwrap_err().code, code::BAD_REQUEST);
+    }
+
+    #[test]
+    fn broadcasts_and_presence_are_read_with_their_limits() {
+        let b = parse(
+            r#"{"action":"broadcast","project_id":"p","event":"typing","payload":{"a": [1, 2]},"self":true,"id":"x1"}"#,
+        );
+        assert_eq!(
+            b,
+            Ok(ClientMessage::Broadcast(Broadcast {
+                scope: "p".into(),
+                event: "typing".into(),
+                payload: r#"{"a":[1,2]}"#.into(),
+                echo: true,
+                id: Some("x1".into()),
+            }))
+        );
+        let plain = parse(r#"{"action":"broadcast","project_id":"p","event":"e"}"#);
+        assert!(
+            matches!(&plain, Ok(ClientMessage::Broadcast(b)) if b.payload == "null" && !b.echo && b.id.is_none()),
+            "{plain:?}"
+        );
+        let big = format!(
+            r#"{{"action":"broadcast","project_id":"p","event":"e","payload":"{}"}}"#,
+            "x".repeat(MAX_BROADCAST_BYTES)
+        );
+        assert_eq!(parse(&big).unwrap_err().code, code::TOO_LARGE);
+        let fits = format!(
+            r#"{{"action":"broadcast","project_id":"p","event":"e","payload":"{}"}}"#,
+            "x".repeat(MAX_BROADCAST_BYTES - 2)
+        );
+        assert!(parse(&fits).is_ok());
+        for bad in [
+            r#"{"action":"broadcast","project_id":"p"}"#,
+            r#"{"action":"broadcast","project_id":"p","event":""}"#,
+            r#"{"action":"broadcast","project_id":"p","event":7}"#,
+            r#"{"action":"broadcast","project_id":"p","event":"e","self":"yes"}"#,
+            r#"{"action":"broadcast","project_id":"p","event":"e","id":5}"#,
+            r#"{"action":"broadcast","event":"e"}"#,
+            r#"{"action":"presence","project_id":"p","state":[1]}"#,
+            r#"{"action":"subscribe","project_id":"p","presence":1}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, code::BAD_REQUEST, "{bad}");
+        }
+        let long_event = format!(
+            r#"{{"action":"broadcast","project_id":"p","event":"{}"}}"#,
+            "e".repeat(MAX_EVENT_LEN + 1)
+        );
+        assert_eq!(parse(&long_event).unwrap_err().code, code::BAD_REQUEST);
+        assert_eq!(
+            parse(r#"{"action":"presence","project_id":"p","state":{"typing":true}}"#),
+            Ok(ClientMessage::Presence {
+                scope: "p".into(),
+                state: r#"{"typing":true}"#.into()
+            })
+        );
+        assert_eq!(
+            parse(r#"{"action":"presence","project_id":"p"}"#),
+            Ok(ClientMessage::Presence {
+                scope: "p".into(),
+                state: "{}".into()
+            })
+        );
+        let big_state = format!(
+            r#"{{"action":"presence","project_id":"p","state":{{"s":"{}"}}}}"#,
+            "x".repeat(MAX_PRESENCE_BYTES)
+        );
+        assert_eq!(parse(&big_state).unwrap_err().code, code::TOO_LARGE);
+        assert_eq!(
+            parse(r#"{"action":"presence_leave","project_id":"p"}"#),
+            Ok(ClientMessage::PresenceLeave { scope: "p".into() })
+        );
+        assert_eq!(
+            parse(r#"{"action":"subscribe","project_id":"p","presence":true}"#),
+            Ok(ClientMessage::Subscribe {
+                scope: "p".into(),
+                since: None,
+                presence: true,
+            })
+        );
+    }
+
+    #[test]
+    fn a_broadcast_frame_splices_its_payload_and_quotes_the_rest() {
+        let f = broadcast_frame("p\"q", "typing", Some("ann"), r#"{"a":1}"#);
+        let v: Value = serde_json::from_str(&f).expect("valid JSON");
+        assert_eq!(v["project_id"], "p\"q");
+        assert_eq!(v["from"], "ann");
+        assert_eq!(v["payload"]["a"], 1);
+        let server: Value =
+            serde_json::from_str(&broadcast_frame("p", "e", None, "null")).expect("valid JSON");
+        assert!(server["from"].is_null());
     }
 }
