@@ -543,6 +543,14 @@ mod tests {
         assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
         assert_eq!(parse_bytes("64M"), Ok(64 << 20));
         assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        // As docs/configuration.md says: B, decimal-looking units read as
+        // binary, any case, a space allowed; no fractions.
+        assert_eq!(parse_bytes("100B"), Ok(100));
+        assert_eq!(parse_bytes("64MB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("64 mib"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2kb"), Ok(2 << 10));
+        assert!(parse_bytes("1.5GiB").is_err());
+        assert!(parse_bytes("1TiB").is_err());
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("5 parsecs").is_err());
         assert!(parse_bytes("99999999999999999999GiB").is_err());
@@ -563,12 +571,12 @@ mod tests {
 
     #[test]
     fn boolean_settings_take_what_people_write() {
-        for yes in ["1", "true", "yes", "on", "TRUE"] {
+        for yes in ["1", "true", "yes", "on", "TRUE", "y", "t"] {
             let args = ServeOnly::try_parse_from(["serve", &format!("--no-retention={yes}")])
                 .map(|o| o.args.no_retention);
             assert!(matches!(args, Ok(true)), "{yes}: {args:?}");
         }
-        for no in ["0", "false", "no", "off"] {
+        for no in ["0", "false", "no", "off", "n", "F"] {
             let args = ServeOnly::try_parse_from(["serve", &format!("--no-retention={no}")])
                 .map(|o| o.args.no_retention);
             assert!(matches!(args, Ok(false)), "{no}: {args:?}");
@@ -577,5 +585,20 @@ mod tests {
             ServeOnly::try_parse_from(["serve", "--no-retention"]).map(|o| o.args.no_retention);
         assert!(matches!(bare, Ok(true)), "{bare:?}");
         assert!(ServeOnly::try_parse_from(["serve", "--no-retention=maybe"]).is_err());
+        // The other yes/no settings docs/configuration.md names.
+        let both = ServeOnly::try_parse_from(["serve", "--transaction-pooler", "--chat=on"])
+            .map(|o| (o.args.transaction_pooler, o.args.apps.chat));
+        assert!(matches!(both, Ok((true, true))), "{both:?}");
+        let neither = ServeOnly::try_parse_from(["serve", "--transaction-pooler=no", "--chat=0"])
+            .map(|o| (o.args.transaction_pooler, o.args.apps.chat));
+        assert!(matches!(neither, Ok((false, false))), "{neither:?}");
+        let absent = ServeOnly::try_parse_from(["serve"]).map(|o| {
+            (
+                o.args.transaction_pooler,
+                o.args.apps.chat,
+                o.args.no_retention,
+            )
+        });
+        assert!(matches!(absent, Ok((false, false, false))), "{absent:?}");
     }
 }

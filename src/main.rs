@@ -10,6 +10,7 @@ use pgrelay::auth::{AuthConfig, Authenticator};
 use pgrelay::config::{parse_duration, AppsArgs, ServeArgs};
 use pgrelay::db::demo;
 use pgrelay::db::embedded::{PgOptions, PgServer};
+use pgrelay::db::redact::redact;
 use pgrelay::db::schema::{self, Apps};
 use pgrelay::server;
 use tokio::signal::unix::{signal, SignalKind};
@@ -250,38 +251,4 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
-}
-
-/// A database URL fit for a log line: the password, if any, is hidden.
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    match (rest.find('@'), rest.find(':')) {
-        (Some(at), Some(colon)) if colon < at => {
-            format!(
-                "{}{}:***{}",
-                &url[..scheme_end],
-                &rest[..colon],
-                &rest[at..]
-            )
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redact_hides_only_the_password() {
-        assert_eq!(
-            redact("postgresql://app:s3cret@db:5432/x"),
-            "postgresql://app:***@db:5432/x"
-        );
-        assert_eq!(redact("postgresql://app@db/x"), "postgresql://app@db/x");
-        assert_eq!(redact("host=db user=app"), "host=db user=app");
-    }
 }

@@ -112,10 +112,9 @@ pub struct Metrics {
     pub replica_fallbacks: AtomicU64,
     /// Client frames refused with an `error` frame.
     pub client_errors: AtomicU64,
-    /// Subscriptions ended because a re-check found access revoked, over
-    /// all causes.
-    pub revocations: AtomicU64,
-    /// The same, by cause (indexed by `RecheckCause`).
+    /// Subscriptions ended because a re-check found access revoked, by
+    /// cause (indexed by `RecheckCause`); [`Metrics::revocations_total`]
+    /// sums them.
     pub revocations_by_cause: [AtomicU64; RecheckCause::ALL.len()],
     /// Subscriptions re-authorized, by cause.
     pub reauthorizations: [AtomicU64; RecheckCause::ALL.len()],
@@ -288,8 +287,16 @@ impl Metrics {
     }
 
     pub fn revoked(&self, cause: RecheckCause) {
-        self.revocations.fetch_add(1, Relaxed);
         self.revocations_by_cause[cause as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Subscriptions ended because a re-check found access revoked, over
+    /// all causes.
+    pub fn revocations_total(&self) -> u64 {
+        self.revocations_by_cause
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .sum()
     }
 
     /// The Prometheus text exposition. `queue_usage` is

@@ -1,7 +1,8 @@
 //! The JavaScript client SDK (`clients/js`) through `cargo test`: its Node
 //! suites (unit rules; the SDK against this relay binary and a private
 //! Postgres; the demo page in headless Chromium) run from here, so the
-//! README's one test command covers them. Missing tools fail the test with
+//! README's one test command covers them. The SDK's test packages are
+//! installed (`npm ci`) when missing; missing tools fail the test with
 //! what to install; nothing is skipped silently.
 //!
 //! Also here: the demo mode keeps its token secret with `--data-dir`, so a
@@ -23,7 +24,7 @@ fn node_major() -> u32 {
         .unwrap_or_else(|e| {
             panic!(
                 "the JavaScript SDK's tests need Node.js 18 or newer (20 recommended), and `node` \
-             could not be run ({e}): apt-get install -y nodejs npm, then `npm ci` in clients/js"
+             could not be run ({e}): apt-get install -y nodejs npm"
             )
         });
     let version = String::from_utf8_lossy(&out.stdout);
@@ -48,6 +49,41 @@ fn chromium() -> PathBuf {
     path
 }
 
+/// The SDK's test packages (`playwright-core`, `ws`), installed exactly as
+/// `package-lock.json` locks them (`npm ci`) when one is missing, so that
+/// `cargo test` alone is the whole set-up; a failed install fails the test
+/// with npm's output.
+fn install_test_packages(dir: &Path) {
+    let packages = ["playwright-core", "ws"];
+    if packages
+        .iter()
+        .all(|p| dir.join("node_modules").join(p).exists())
+    {
+        return;
+    }
+    println!("clients/js/node_modules is incomplete: running `npm ci` there");
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("the JavaScript SDK's tests need npm, and `npm` could not be run ({e}): apt-get install -y npm")
+        });
+    assert!(
+        out.status.success(),
+        "`npm ci` in clients/js failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for package in packages {
+        assert!(
+            dir.join("node_modules").join(package).exists(),
+            "`npm ci` in clients/js did not install {package}"
+        );
+    }
+}
+
 #[test]
 fn javascript_sdk_suites_pass_against_the_relay_binary() {
     let major = node_major();
@@ -56,12 +92,7 @@ fn javascript_sdk_suites_pass_against_the_relay_binary() {
         "Node.js {major} is too old for the SDK's tests; install 18 or newer (20 recommended)"
     );
     let dir = package_dir();
-    for package in ["playwright-core", "ws"] {
-        assert!(
-            dir.join("node_modules").join(package).exists(),
-            "clients/js/node_modules/{package} is missing: run `npm ci` in clients/js"
-        );
-    }
+    install_test_packages(&dir);
     let chromium = chromium();
     let mut cmd = Command::new("node");
     // Node 20 and 21 have a global WebSocket behind this flag (22 on by

@@ -231,7 +231,7 @@ async fn the_scheduled_recheck_revokes_through_a_table_nobody_tracks() {
             .is_none(),
         "ann received something after the revocation"
     );
-    assert_eq!(relay.metrics.revocations.load(Relaxed), 1);
+    assert_eq!(relay.metrics.revocations_total(), 1);
     let metrics = common::http_get(relay.addr, "/metrics").await;
     assert!(
         metrics.contains("pgrelay_revocations_total{cause=\"schedule\"} 1"),

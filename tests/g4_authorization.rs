@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use common::*;
@@ -348,7 +347,7 @@ async fn revoking_membership_stops_delivery_at_the_revoking_seq() {
         "revocation at seq {revoked_at}: bob's highest seq {bob_max}, ann received {} of {} events; revocations {}",
         ann_seqs.len(),
         last - start,
-        relay.metrics.revocations.load(Relaxed)
+        relay.metrics.revocations_total()
     );
     relay.shutdown().await;
 }

@@ -1,7 +1,8 @@
 //! Reading the event log, the source of truth. Every frame a client gets
-//! comes through here, rendered by `relay.frames_after_cursor` in SQL: live
-//! delivery, resume and gap fill are one read path, so they send the same
-//! bytes. A notice is never trusted beyond "scope X may have news".
+//! comes through here, rendered by `relay.render` in SQL (called by the
+//! `relay.read_frames*` functions read here): live delivery, resume and
+//! gap fill are one read path, so they send the same bytes. A notice is
+//! never trusted beyond "scope X may have news".
 //!
 //! Every read continues from a [`Cursor`], which names an event (seq and
 //! capture time). A *checked* read (`relay.read_frames_checked*`) makes the
