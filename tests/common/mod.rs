@@ -318,9 +318,11 @@ pub fn assert_contiguous(seqs: &[u64], from: u64, to: u64, who: &str) {
     }
 }
 
-/// Resident memory of this process, in KiB (Linux).
+/// Resident memory of this process, in KiB (Linux); panics when it cannot
+/// be read.
 pub fn rss_kib() -> u64 {
     testkit::process::rss_kib(std::process::id())
+        .unwrap_or_else(|e| panic!("resident memory of this test process: {e}"))
 }
 
 /// A plain HTTP/1.1 GET; returns the whole response as text.
