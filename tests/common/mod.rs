@@ -318,6 +318,49 @@ pub fn assert_contiguous(seqs: &[u64], from: u64, to: u64, who: &str) {
     }
 }
 
+/// A subscription whose access ended (G4): `client` must receive every
+/// event of `project` with seq `from..=to`, contiguous and once each (none
+/// when `from > to`), then one `error` frame with `code` for `project`, and
+/// then nothing at all for `quiet`. Any other frame (a reset, a pong, an
+/// event after the error) fails. Call it once every event after `to` has
+/// been committed and delivered to someone else, so that "nothing after"
+/// covers each of them, not one probe. Returns the error frame.
+pub async fn expect_events_then_ended(
+    client: &mut WsClient,
+    project: &str,
+    (from, to): (u64, u64),
+    code: &str,
+    quiet: Duration,
+    who: &str,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seqs = Vec::new();
+    let error = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(f) = client.try_next_json(left).await else {
+            panic!("{who}: no `{code}` error within 30 s; events so far {seqs:?}");
+        };
+        match f["type"].as_str() {
+            Some("cache_invalidate") if f["project_id"] == project => {
+                seqs.push(f["seq"].as_u64().expect("an event's seq"));
+            }
+            Some("error") => break f,
+            _ => panic!("{who}: unexpected frame before the error: {f}"),
+        }
+    };
+    assert_eq!(error["code"], code, "{who}: {error}");
+    assert_eq!(error["project_id"], project, "{who}: {error}");
+    let expected: Vec<u64> = (from..=to).collect();
+    assert_eq!(
+        seqs, expected,
+        "{who}: events before the `{code}` error must be exactly seq {from}..={to}"
+    );
+    if let Some(f) = client.try_next_json(quiet).await {
+        panic!("{who}: a frame after the `{code}` error: {f}");
+    }
+    error
+}
+
 /// Resident memory of this process, in KiB (Linux); panics when it cannot
 /// be read.
 pub fn rss_kib() -> u64 {
