@@ -161,6 +161,15 @@ impl Notices {
     pub fn try_next(&mut self) -> Option<String> {
         self.inner.rx.try_recv().ok().map(|n| n.payload)
     }
+
+    /// The payload of the next notice if one arrives within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<String> {
+        tokio::time::timeout(wait, self.inner.rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(|n| n.payload)
+    }
 }
 
 // ---------------------------------------------------------------------
