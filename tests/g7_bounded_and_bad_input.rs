@@ -213,8 +213,10 @@ async fn forged_and_foreign_notices_deliver_nothing_that_is_not_in_the_log() {
         .try_next_json(Duration::from_millis(300))
         .await
         .is_none());
-    assert!(relay.metrics.foreign_notices.load(Relaxed) >= 3);
-    assert!(relay.metrics.unconfirmed_notices.load(Relaxed) >= 1);
+    // Not JSON, not ours, a negative seq: three foreign notices; the
+    // forged one named a seq the log did not hold: one unconfirmed.
+    assert_eq!(relay.metrics.foreign_notices.load(Relaxed), 3);
+    assert_eq!(relay.metrics.unconfirmed_notices.load(Relaxed), 1);
     println!(
         "forged notices: foreign {}, unconfirmed {}, delivered only the real event",
         relay.metrics.foreign_notices.load(Relaxed),
@@ -246,9 +248,10 @@ async fn a_client_that_stops_reading_gets_everything_later_and_slows_no_one() {
     fast.subscribe("slow", None).await;
 
     let rss_before = relay.rss_kib();
-    // ~2 KiB rows, 20 statements of 1,000: about 40 MiB of frames, far
-    // more than the socket buffers and the ring (4096 frames) hold.
-    const BATCHES: u64 = 20;
+    // ~2 KiB rows, 30 statements of 1,000: about 70 MiB of frames, far
+    // more than the socket buffers and the ring (4096 frames) hold, and
+    // more than twice the bound on what the relay may hold (below).
+    const BATCHES: u64 = 30;
     const ROWS: u64 = 1000;
     let mut rss_during = Vec::new();
     let mut fast_seqs = Vec::new();
@@ -291,12 +294,47 @@ async fn a_client_that_stops_reading_gets_everything_later_and_slows_no_one() {
         catchup_reads >= 1.0,
         "the stalled client was fed from the log"
     );
-    // The relay holds at most the ring (16 MiB cap) plus socket buffers,
-    // never the 40 MiB backlog.
+    // What the relay may hold, from its limits (the child runs with the
+    // defaults) and the size of these frames: one scope's ring; a read's
+    // worth (at most `read_rows` rows and `read_bytes`) per pooled database
+    // connection, whose driver keeps a buffer as large as the largest
+    // response it read; one catch-up read held for the stalled client
+    // (within the catch-up budget); and per connection the idle cost, the
+    // write buffer and a frame. The backlog is more than twice that.
+    let limits = pgrelay::config::RelayConfig::new(&db.url, SECRET.to_vec());
+    let frame_bytes = c
+        .query_one(
+            "SELECT max(octet_length(relay.render(e, true)))::int8 FROM relay.events e WHERE scope = 'slow'",
+            &[],
+        )
+        .await
+        .expect("frame size")
+        .get::<_, i64>(0) as u64;
+    let ring = (limits.ring_bytes as u64).min(limits.ring_frames as u64 * frame_bytes);
+    let read = (limits.read_bytes as u64).min(limits.read_rows as u64 * frame_bytes);
+    let catchup = read.min(limits.catchup_budget_bytes as u64);
+    let per_connection = 13 * 1024 + 32 * 1024 + frame_bytes;
+    let pool_reads = limits.pool_size as u64 * read;
+    let bound_kib = (ring + pool_reads + catchup + 2 * per_connection) / 1024;
+    let backlog_kib = (last - start) * frame_bytes / 1024;
+    println!(
+        "growth bound {bound_kib} KiB = ring {} + {} pooled reads {} + catch-up read {} + 2 connections x {} (KiB); \
+         backlog {backlog_kib} KiB; grew {} KiB",
+        ring / 1024,
+        limits.pool_size,
+        pool_reads / 1024,
+        catchup / 1024,
+        per_connection / 1024,
+        peak.saturating_sub(rss_before)
+    );
     assert!(
-        peak.saturating_sub(rss_before) < 40 * 1024,
-        "relay memory grew by {} KiB while a client stalled",
-        peak - rss_before
+        bound_kib < backlog_kib / 2,
+        "the bound ({bound_kib} KiB) must be far below the backlog ({backlog_kib} KiB) to mean anything"
+    );
+    assert!(
+        peak.saturating_sub(rss_before) < bound_kib,
+        "relay memory grew by {} KiB while a client stalled, over the bound of {bound_kib} KiB",
+        peak.saturating_sub(rss_before)
     );
 }
 
@@ -383,9 +421,23 @@ async fn hostile_round(addr: std::net::SocketAddr, c: &tokio_postgres::Client) -
         } else {
             Message::Text(String::from_utf8_lossy(&bytes).into_owned().into())
         };
+        // What this frame must get: binary is refused as such; text that
+        // is not JSON is bad_json; JSON that is no object is bad_request.
+        let expected = match &frame {
+            Message::Binary(_) => "binary_not_supported",
+            Message::Text(t) => match serde_json::from_str::<serde_json::Value>(t) {
+                Err(_) => "bad_json",
+                Ok(serde_json::Value::Object(_)) => {
+                    panic!("frame {i} happens to be a JSON object: {t:?}; name its code here")
+                }
+                Ok(_) => "bad_request",
+            },
+            other => unreachable!("only text and binary are sent: {other:?}"),
+        };
         ann.ws.send(frame).await.expect("send");
         let reply = ann.next_json(10).await;
         assert_eq!(reply["type"], "error", "{reply}");
+        assert_eq!(reply["code"], expected, "random frame {i}: {reply}");
         *codes
             .entry(reply["code"].as_str().unwrap_or("?").to_string())
             .or_default() += 1;

@@ -56,6 +56,7 @@ async fn a_revocation_racing_a_subscribe_is_never_skipped() {
     .await
     .expect("test step");
     let relay = start_relay(relay_config(&db.url)).await;
+    let mut ann = WsClient::connect(relay.addr, "ann").await;
     let mut bob = WsClient::connect(relay.addr, "bob").await;
     bob.send_json(json!({"action":"subscribe","project_id":"team"}))
         .await;
@@ -67,17 +68,7 @@ async fn a_revocation_racing_a_subscribe_is_never_skipped() {
     )
     .await
     .expect("test step");
-    let sub = bob.next_json(10).await;
-    println!("bob got: {sub}");
-    c.execute(
-        "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','after bob left')",
-        &[],
-    )
-    .await
-    .expect("test step");
-    let (seqs, forbidden, all) = drain(&mut bob, 3).await;
-    println!("bob afterwards: {all:?}");
-    let revoked_at: i64 = c
+    let revoked_at = c
         .query_one(
             "SELECT seq FROM relay.events WHERE scope = 'team' AND resource = 'project_member'
                AND action = 'DELETE' AND row_id = 'bob'",
@@ -85,16 +76,53 @@ async fn a_revocation_racing_a_subscribe_is_never_skipped() {
         )
         .await
         .expect("the revoking seq")
-        .get(0);
-    // Bob may see his own removal, never anything after it.
-    assert!(
-        seqs.iter().all(|s| *s <= revoked_at as u64),
-        "bob (no longer a member since seq {revoked_at}) received events {seqs:?}"
-    );
-    assert!(
-        forbidden || seqs.is_empty(),
-        "bob was told, or saw nothing at all"
-    );
+        .get::<_, i64>(0) as u64;
+    let sub = bob.next_json(10).await;
+    println!("bob got: {sub}");
+    // A message after bob left, delivered to ann, so that "nothing after"
+    // below covers every seq after the revocation.
+    ann.subscribe("team", None).await;
+    c.execute(
+        "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','after bob left')",
+        &[],
+    )
+    .await
+    .expect("test step");
+    let ann_seqs = ann.events_until("team", revoked_at + 1, 10).await;
+    assert_eq!(ann_seqs, [revoked_at + 1], "ann");
+    match sub["type"].as_str() {
+        // The authorize answered yes before the DELETE committed: the
+        // subscription starts before the revocation, so bob gets every
+        // event from there up to and including his removal, then
+        // forbidden, then nothing.
+        Some("subscribed") => {
+            let from = sub["seq"].as_u64().expect("subscribed seq");
+            assert!(
+                from < revoked_at,
+                "subscribed at seq {from}, not before the revocation at {revoked_at}: \
+                 the revocation would be skipped"
+            );
+            expect_events_then_ended(
+                &mut bob,
+                "team",
+                (from + 1, revoked_at),
+                "forbidden",
+                Duration::from_secs(2),
+                "bob",
+            )
+            .await;
+        }
+        // On a slow machine the authorize may start after the DELETE:
+        // refused at once, and nothing after.
+        Some("error") => {
+            assert_eq!(sub["code"], "forbidden", "{sub}");
+            assert_eq!(sub["project_id"], "team", "{sub}");
+            if let Some(f) = bob.try_next_json(Duration::from_secs(2)).await {
+                panic!("bob, refused, received {f}");
+            }
+        }
+        _ => panic!("bob's subscribe answered with {sub}"),
+    }
     relay.shutdown().await;
 }
 
@@ -112,6 +140,7 @@ async fn a_reset_over_a_membership_event_re_checks_membership() {
     let start = bob.subscribe("team", None).await["seq"]
         .as_u64()
         .expect("test step");
+    // start+1 (deleted: the hole), start+2 bob's removal, start+3 a message.
     c.batch_execute(&format!(
         "BEGIN;
          INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','x');
@@ -123,21 +152,34 @@ async fn a_reset_over_a_membership_event_re_checks_membership() {
     ))
     .await
     .expect("test step");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The log cannot continue from bob's cursor: a reset to where it does
+    // (the latest event, over bob's removal), never an event.
+    let reset = bob.next_json(10).await;
+    println!("bob got: {reset}");
+    assert_eq!(reset["type"], "reset", "{reset}");
+    assert_eq!(reset["reason"], "history_trimmed", "{reset}");
+    assert_eq!(reset["project_id"], "team", "{reset}");
+    assert_eq!(reset["seq"], start + 3, "{reset}");
+    // A secret after his removal, delivered to ann first.
+    let mut ann = WsClient::connect(relay.addr, "ann").await;
+    assert_eq!(ann.subscribe("team", None).await["seq"], start + 3);
     c.execute(
         "INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('team','ann','secret')",
         &[],
     )
     .await
     .expect("test step");
-    let (seqs, forbidden, all) = drain(&mut bob, 3).await;
-    println!("bob got: {all:?}");
-    assert!(
-        !seqs.contains(&(start + 4)),
-        "bob, removed at seq {}, received seq {} (forbidden={forbidden})",
-        start + 2,
-        start + 4
-    );
+    assert_eq!(ann.events_until("team", start + 4, 10).await, [start + 4]);
+    // Then forbidden, and no event at all: none of start+2..=start+4.
+    expect_events_then_ended(
+        &mut bob,
+        "team",
+        (start + 4, start + 3),
+        "forbidden",
+        Duration::from_secs(2),
+        "bob, removed at seq start+2",
+    )
+    .await;
     relay.shutdown().await;
 }
 

@@ -7,8 +7,11 @@
 -- after the change (for a DELETE, the row as it was); that a multi-row
 -- statement gives one event per row with contiguous seqs (also at 10,000
 -- rows, G5); that an upsert gives one INSERT and one UPDATE event; that a
--- cascading DELETE of a project is captured on every table; that (when run
--- by a superuser) session_replication_role = replica cannot skip capture;
+-- cascading DELETE of a project is captured on every table; that every
+-- capture trigger is ENABLE ALWAYS (from the catalog, as any user) and (when
+-- run by a superuser, as `cargo test` does) that session_replication_role =
+-- replica really cannot skip capture (run by another user, that part is
+-- skipped with a WARNING, which tests/sql_suite.rs treats as a failure);
 -- and that for every event relay.render(e, false), the NOTIFY payload, has
 -- exactly the keys type, resource, action, id, project_id, seq, timestamp
 -- (no data), while relay.render(e, true), the client frame, is the same
@@ -270,10 +273,31 @@ $$;
 
 ----------------------------------------------------------------------------
 -- Capture is ENABLE ALWAYS: session_replication_role = replica (which bulk
--- loaders use to skip triggers) must not skip it. Changing that setting
--- needs a superuser; without one this check is skipped.
+-- loaders use to skip triggers) must not skip it. First from the catalog,
+-- which any user can read: each tracked table has exactly the four relay
+-- triggers, every one enabled ALWAYS ('A').
 ----------------------------------------------------------------------------
 
+DO $$
+DECLARE
+    v_table regclass;
+    v_got   text;
+BEGIN
+    FOREACH v_table IN ARRAY ARRAY['chat.projects', 'chat.project_members', 'chat.messages']::regclass[] LOOP
+        SELECT string_agg(tgname || '=' || tgenabled::text, ',' ORDER BY tgname) INTO v_got
+          FROM pg_trigger
+         WHERE tgrelid = v_table AND tgname LIKE 'relay\_%';
+        ASSERT v_got = 'relay_capture_delete=A,relay_capture_insert=A,'
+                       'relay_capture_update=A,relay_refuse_truncate=A',
+            format('%s: relay triggers are %s, expected the four ENABLE ALWAYS', v_table, v_got);
+    END LOOP;
+END
+$$;
+
+-- Then in deed: writes made in replica mode are captured. Changing that
+-- setting needs a superuser. Run by another user this part cannot run; it
+-- says so with a WARNING (tests/sql_suite.rs, which runs as a superuser,
+-- fails on any WARNING, so it is never skipped there unnoticed).
 DO $$
 DECLARE
     v_p      text := current_setting('sqltest.p');
@@ -283,7 +307,8 @@ BEGIN
     BEGIN
         PERFORM set_config('session_replication_role', 'replica', true);
     EXCEPTION WHEN insufficient_privilege THEN
-        RETURN;  -- not a superuser: cannot run this check here
+        RAISE WARNING 'SKIPPED 001_capture.sql: the session_replication_role = replica check needs a superuser (role %); only the catalog check of ENABLE ALWAYS ran', current_user;
+        RETURN;
     END;
     SELECT latest_seq INTO v_latest FROM relay.scope_state(v_p);
     -- chat.project_members has no ordinary triggers of its own, so it can be

@@ -161,6 +161,15 @@ impl Notices {
     pub fn try_next(&mut self) -> Option<String> {
         self.inner.rx.try_recv().ok().map(|n| n.payload)
     }
+
+    /// The payload of the next notice if one arrives within `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<String> {
+        tokio::time::timeout(wait, self.inner.rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .map(|n| n.payload)
+    }
 }
 
 // ---------------------------------------------------------------------
@@ -318,9 +327,54 @@ pub fn assert_contiguous(seqs: &[u64], from: u64, to: u64, who: &str) {
     }
 }
 
-/// Resident memory of this process, in KiB (Linux).
+/// A subscription whose access ended (G4): `client` must receive every
+/// event of `project` with seq `from..=to`, contiguous and once each (none
+/// when `from > to`), then one `error` frame with `code` for `project`, and
+/// then nothing at all for `quiet`. Any other frame (a reset, a pong, an
+/// event after the error) fails. Call it once every event after `to` has
+/// been committed and delivered to someone else, so that "nothing after"
+/// covers each of them, not one probe. Returns the error frame.
+pub async fn expect_events_then_ended(
+    client: &mut WsClient,
+    project: &str,
+    (from, to): (u64, u64),
+    code: &str,
+    quiet: Duration,
+    who: &str,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seqs = Vec::new();
+    let error = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(f) = client.try_next_json(left).await else {
+            panic!("{who}: no `{code}` error within 30 s; events so far {seqs:?}");
+        };
+        match f["type"].as_str() {
+            Some("cache_invalidate") if f["project_id"] == project => {
+                seqs.push(f["seq"].as_u64().expect("an event's seq"));
+            }
+            Some("error") => break f,
+            _ => panic!("{who}: unexpected frame before the error: {f}"),
+        }
+    };
+    assert_eq!(error["code"], code, "{who}: {error}");
+    assert_eq!(error["project_id"], project, "{who}: {error}");
+    let expected: Vec<u64> = (from..=to).collect();
+    assert_eq!(
+        seqs, expected,
+        "{who}: events before the `{code}` error must be exactly seq {from}..={to}"
+    );
+    if let Some(f) = client.try_next_json(quiet).await {
+        panic!("{who}: a frame after the `{code}` error: {f}");
+    }
+    error
+}
+
+/// Resident memory of this process, in KiB (Linux); panics when it cannot
+/// be read.
 pub fn rss_kib() -> u64 {
     testkit::process::rss_kib(std::process::id())
+        .unwrap_or_else(|e| panic!("resident memory of this test process: {e}"))
 }
 
 /// A plain HTTP/1.1 GET; returns the whole response as text.

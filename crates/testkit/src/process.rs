@@ -50,9 +50,12 @@ impl RelayProcess {
         self.child.id()
     }
 
-    /// Resident memory of the relay process, in KiB.
+    /// Resident memory of the relay process, in KiB. Panics (naming the
+    /// process and the reason) when it cannot be read: a memory bound
+    /// measured against a made-up figure would pass whatever the relay did.
     pub fn rss_kib(&self) -> u64 {
-        rss_kib(self.pid())
+        let pid = self.pid();
+        rss_kib(pid).unwrap_or_else(|e| panic!("resident memory of relay pid {pid}: {e}"))
     }
 
     /// CPU seconds the relay process has used so far.
@@ -78,17 +81,26 @@ impl Drop for RelayProcess {
     }
 }
 
-/// Resident memory of a process, in KiB (0 if it cannot be read).
-pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+/// Resident memory of a process, in KiB: an error when `/proc/PID/status`
+/// cannot be read or has no parsable `VmRSS:` line (an exited process, a
+/// kernel thread, not Linux), never a made-up 0.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)
+        .map_err(|e| Error::Process(format!("reading {path}: {e}")))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| Error::Process(format!("{path} has no VmRSS line")))?;
+    let kib = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| Error::Process(format!("{path}: unparsable {line:?}")))?;
+    if kib == 0 {
+        return Err(Error::Process(format!("{path}: VmRSS is 0 ({line:?})")));
+    }
+    Ok(kib)
 }
 
 /// CPU seconds (user + system) a process has used so far.
