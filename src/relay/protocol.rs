@@ -6,7 +6,7 @@
 //! This module only parses what clients send and builds the few control
 //! frames the relay itself says.
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::relay::log::Cursor;
 
@@ -76,6 +76,10 @@ pub struct ProtocolError {
     pub message: String,
     /// The action the frame asked for, when it could be read.
     pub action: Option<String>,
+    /// The project a refused `subscribe` or `unsubscribe` named, when it
+    /// could be read (a string or an integer, even one refused as a
+    /// scope): the client ends exactly that subscription.
+    pub scope: Option<String>,
 }
 
 impl ProtocolError {
@@ -84,11 +88,17 @@ impl ProtocolError {
             code,
             message: message.into(),
             action: action.map(str::to_string),
+            scope: None,
         }
     }
 
     pub fn to_frame(&self) -> String {
-        error_frame(self.code, &self.message, self.action.as_deref(), None)
+        error_frame(
+            self.code,
+            &self.message,
+            self.action.as_deref(),
+            self.scope.as_deref(),
+        )
     }
 }
 
@@ -120,6 +130,30 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
             ))
         }
     };
+    let request = request(&obj, action);
+    // A refused subscribe or unsubscribe names the project it asked about,
+    // so that the client can end that subscription (and only that one).
+    if matches!(action, "subscribe" | "unsubscribe") {
+        return request.map_err(|e| ProtocolError {
+            scope: named_scope(&obj),
+            ..e
+        });
+    }
+    request
+}
+
+/// The `project_id` a frame names, as the client wrote it: a string (even
+/// one refused as a scope) or an integer's decimal text.
+fn named_scope(obj: &Map<String, Value>) -> Option<String> {
+    match obj.get("project_id") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The request a JSON object with a string `action` asks for.
+fn request(obj: &Map<String, Value>, action: &str) -> Result<ClientMessage, ProtocolError> {
     let scope = || -> Result<String, ProtocolError> {
         match obj.get("project_id") {
             Some(Value::String(s))
@@ -380,5 +414,66 @@ mod tests {
             "x".repeat(300)
         );
         assert_eq!(parse(&long).unwrap_err().code, code::BAD_REQUEST);
+    }
+
+    /// The error frame a refused text becomes, parsed back.
+    fn refusal(text: &str) -> Value {
+        let e = parse(text).expect_err(text);
+        serde_json::from_str(&e.to_frame()).expect("an error frame is JSON")
+    }
+
+    #[test]
+    fn a_refused_subscribe_names_the_project_it_asked_for() {
+        let long = "x".repeat(300);
+        for (text, action, scope) in [
+            (
+                r#"{"action":"subscribe","project_id":"p","since_seq":-1}"#.to_string(),
+                "subscribe",
+                "p",
+            ),
+            (
+                r#"{"action":"subscribe","project_id":7,"since_seq":1,"since_timestamp":"yesterday"}"#
+                    .to_string(),
+                "subscribe",
+                "7",
+            ),
+            (
+                r#"{"since_timestamp":"2026-11-24T08:00:00Z","project_id":"q","action":"subscribe"}"#
+                    .to_string(),
+                "subscribe",
+                "q",
+            ),
+            (
+                format!(r#"{{"action":"subscribe","project_id":"{long}"}}"#),
+                "subscribe",
+                long.as_str(),
+            ),
+            (
+                r#"{"action":"subscribe","project_id":""}"#.to_string(),
+                "subscribe",
+                "",
+            ),
+            (
+                r#"{"action":"unsubscribe","project_id":"p\u0001"}"#.to_string(),
+                "unsubscribe",
+                "p\u{1}",
+            ),
+        ] {
+            let frame = refusal(&text);
+            assert_eq!(frame["code"], code::BAD_REQUEST, "{text}");
+            assert_eq!(frame["ref"], action, "{text}");
+            assert_eq!(frame["project_id"], scope, "{text}");
+        }
+        // No readable project, or an action that is not about one: no scope.
+        for text in [
+            r#"{"action":"subscribe"}"#,
+            r#"{"action":"subscribe","project_id":1.5}"#,
+            r#"{"action":"unsubscribe","project_id":["p"]}"#,
+            r#"{"action":"auth","project_id":"p"}"#,
+            r#"{"action":"explode","project_id":"p"}"#,
+            r#"{"project_id":"p"}"#,
+        ] {
+            assert_eq!(refusal(text).get("project_id"), None, "{text}");
+        }
     }
 }
