@@ -116,6 +116,104 @@ fn javascript_sdk_suites_pass_against_the_relay_binary() {
     );
 }
 
+/// The SDK's code tables (`clients/js/src/codes.js`), as node loads them:
+/// `Close`, `ErrorCode` and `ResetReason`.
+fn sdk_code_tables() -> serde_json::Value {
+    node_major();
+    let script = "import { pathToFileURL } from 'node:url';\n\
+        const c = await import(pathToFileURL(process.argv[1]));\n\
+        console.log(JSON.stringify({ Close: c.Close, ErrorCode: c.ErrorCode, ResetReason: c.ResetReason }));";
+    let out = Command::new("node")
+        .args(["--input-type=module", "-e", script])
+        .arg(package_dir().join("src/codes.js"))
+        .output()
+        .unwrap_or_else(|e| panic!("running node on codes.js: {e}"));
+    assert!(
+        out.status.success(),
+        "node could not load clients/js/src/codes.js: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "codes.js printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The values of one table, as text, sorted; fails on a repeated value.
+fn values(tables: &serde_json::Value, table: &str) -> Vec<String> {
+    let map = tables[table]
+        .as_object()
+        .unwrap_or_else(|| panic!("codes.js exports no {table} table: {tables}"));
+    let mut values: Vec<String> = map
+        .values()
+        .map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    values.sort();
+    let before = values.len();
+    values.dedup();
+    assert_eq!(values.len(), before, "{table} names a value twice: {map:?}");
+    values
+}
+
+/// Fails, naming what is missing on which side, unless both hold the same.
+fn same_codes(what: &str, sdk: Vec<String>, relay: Vec<String>) {
+    let only_relay: Vec<&String> = relay.iter().filter(|c| !sdk.contains(c)).collect();
+    let only_sdk: Vec<&String> = sdk.iter().filter(|c| !relay.contains(c)).collect();
+    assert!(
+        only_relay.is_empty() && only_sdk.is_empty(),
+        "{what}: the relay speaks {only_relay:?} which clients/js/src/codes.js lacks, and the SDK \
+         lists {only_sdk:?} which the relay never sends (src/relay/protocol.rs)"
+    );
+}
+
+#[test]
+fn the_sdk_knows_exactly_the_codes_the_relay_speaks() {
+    use pgrelay::relay::protocol::{close, code, reset_reason};
+    let tables = sdk_code_tables();
+    // Close codes that are not the relay's: the SDK's own close (1000),
+    // a connection lost without a close frame (1006, never on the wire),
+    // and the SDK's own ping timeout (4508). Exactly these, under these
+    // names, so a relay code cannot hide among them.
+    let sdk_only = [
+        ("NORMAL", 1000),
+        ("ABNORMAL", 1006),
+        ("CLIENT_PING_TIMEOUT", 4508),
+    ];
+    for (name, value) in sdk_only {
+        assert_eq!(
+            tables["Close"][name], value,
+            "codes.js Close.{name} must be {value}"
+        );
+        assert!(
+            !close::ALL.contains(&value),
+            "the relay sends {value}, which the SDK takes for its own"
+        );
+    }
+    let sdk_close: Vec<String> = values(&tables, "Close")
+        .into_iter()
+        .filter(|c| !sdk_only.iter().any(|(_, v)| c == &v.to_string()))
+        .collect();
+    let text = |all: &[&str]| {
+        let mut v: Vec<String> = all.iter().map(|c| c.to_string()).collect();
+        v.sort();
+        v
+    };
+    let mut relay_close: Vec<String> = close::ALL.iter().map(u16::to_string).collect();
+    relay_close.sort();
+    same_codes("close codes", sdk_close, relay_close);
+    same_codes("error codes", values(&tables, "ErrorCode"), text(code::ALL));
+    same_codes(
+        "reset reasons",
+        values(&tables, "ResetReason"),
+        text(reset_reason::ALL),
+    );
+}
+
 /// `pgrelay serve` with a private Postgres in `data_dir`; returns the
 /// child, its address and its printed demo URL for alice.
 fn serve_demo(data_dir: &Path) -> (std::process::Child, String, String) {

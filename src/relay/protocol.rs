@@ -22,12 +22,22 @@ pub mod close {
     pub const UNAUTHORIZED: u16 = 4001;
     /// The token's `exp` has passed (and no fresh one was sent in time).
     pub const TOKEN_EXPIRED: u16 = 4002;
-    /// The connection itself is not allowed (e.g. origin or limits).
-    pub const FORBIDDEN: u16 = 4003;
     /// The peer stopped answering pings.
     pub const UNRESPONSIVE: u16 = 4008;
     /// Too many frames per second, or too many connections.
     pub const RATE_LIMITED: u16 = 4029;
+
+    /// Every close code above (a test checks that none is left out; the
+    /// SDK's `clients/js/src/codes.js` is checked against it).
+    pub const ALL: &[u16] = &[
+        GOING_AWAY,
+        INVALID_PAYLOAD,
+        MESSAGE_TOO_BIG,
+        UNAUTHORIZED,
+        TOKEN_EXPIRED,
+        UNRESPONSIVE,
+        RATE_LIMITED,
+    ];
 }
 
 /// Error codes of `error` frames.
@@ -46,6 +56,23 @@ pub mod code {
     /// The app's `relay.authorize` raised or ran past its timeout for this
     /// scope: the subscription ends; others go on.
     pub const AUTHORIZE_FAILED: &str = "authorize_failed";
+
+    /// Every code above (a test checks that none is left out; the SDK's
+    /// `clients/js/src/codes.js` is checked against it).
+    pub const ALL: &[&str] = &[
+        BAD_JSON,
+        BAD_REQUEST,
+        UNKNOWN_ACTION,
+        BINARY_NOT_SUPPORTED,
+        FORBIDDEN,
+        NOT_SUBSCRIBED,
+        TOO_MANY_SUBSCRIPTIONS,
+        UNAVAILABLE,
+        RATE_LIMITED,
+        UNAUTHORIZED,
+        TOKEN_EXPIRED,
+        AUTHORIZE_FAILED,
+    ];
 }
 
 /// Longest scope (project id) accepted, as in the SQL side.
@@ -297,6 +324,10 @@ pub mod reset_reason {
     /// that lacked the last commits, a restore from backup). What the
     /// client holds after its last common event may not exist any more.
     pub const HISTORY_DIVERGED: &str = "history_diverged";
+
+    /// Every reason above (a test checks that none is left out; the SDK's
+    /// `clients/js/src/codes.js` is checked against it).
+    pub const ALL: &[&str] = &[HISTORY_TRIMMED, SEQ_AHEAD, HISTORY_DIVERGED];
 }
 
 /// `{"type":"reset",..}`: reload the scope's state; events after the
@@ -414,6 +445,46 @@ mod tests {
             "x".repeat(300)
         );
         assert_eq!(parse(&long).unwrap_err().code, code::BAD_REQUEST);
+    }
+
+    /// The values of the `pub const`s declared in `pub mod NAME { .. }` of
+    /// this file, except `ALL`: what each module's `ALL` must list.
+    fn declared(module: &str) -> Vec<String> {
+        let src = include_str!("protocol.rs");
+        let head = format!("pub mod {module} {{");
+        let start = src.find(&head).expect("the module in this file");
+        let body = &src[start + head.len()..];
+        let body = &body[..body.find("\n}").expect("the module's end")];
+        body.split("pub const ")
+            .skip(1)
+            .filter(|decl| !decl.starts_with("ALL:"))
+            .map(|decl| {
+                let value = decl.split_once('=').expect("a value").1;
+                let value = value.split_once(';').expect("a `;`").0;
+                value.trim().trim_matches('"').to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_code_is_listed_in_all() {
+        let mut close: Vec<String> = close::ALL.iter().map(u16::to_string).collect();
+        let mut code: Vec<String> = code::ALL.iter().map(|c| c.to_string()).collect();
+        let mut reason: Vec<String> = reset_reason::ALL.iter().map(|c| c.to_string()).collect();
+        for (module, listed) in [
+            ("close", &mut close),
+            ("code", &mut code),
+            ("reset_reason", &mut reason),
+        ] {
+            let mut declared = declared(module);
+            assert!(declared.len() >= 3, "{module}: read {declared:?}");
+            declared.sort();
+            listed.sort();
+            assert_eq!(
+                &declared, listed,
+                "{module}::ALL must list every code of {module}"
+            );
+        }
     }
 
     /// The error frame a refused text becomes, parsed back.

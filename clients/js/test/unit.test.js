@@ -20,11 +20,11 @@ test("backoff delays stay within min and the doubling cap", () => {
 });
 
 test("close codes map to reconnect, slow, token or fatal", () => {
-  for (const c of [1000, 1001, 1006, 1011, 4008, 4999]) assert.equal(closeAction(c), "reconnect", String(c));
+  for (const c of [1000, 1001, 1006, 1011, 4003, 4008, 4999]) assert.equal(closeAction(c), "reconnect", String(c));
   assert.equal(closeAction(4029), "slow");
   assert.equal(closeAction(4001), "token");
   assert.equal(closeAction(4002), "token");
-  for (const c of [1007, 1009, 4003]) assert.equal(closeAction(c), "fatal", String(c));
+  for (const c of [1007, 1009]) assert.equal(closeAction(c), "fatal", String(c));
 });
 
 /** A subscription with a stand-in for the client that records resubscribes. */
