@@ -84,6 +84,174 @@ fn install_test_packages(dir: &Path) {
     }
 }
 
+/// Longest the three Node suites may take together (they take a minute or
+/// two on a loaded 2-core machine): past it node and everything it started
+/// are killed and the test fails with their output.
+const NODE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `cmd` in a process group of its own, capturing its output; kills
+/// the group (SIGTERM, then SIGKILL) if it runs past `limit`. Returns its
+/// exit status (None when killed), stdout and stderr.
+fn run_bounded(
+    cmd: &mut Command,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String, String) {
+    use nix::sys::signal::{killpg, Signal};
+    use nix::unistd::Pid;
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("running node --test: {e}"));
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("its stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("its stderr")));
+    let group = Pid::from_raw(child.id() as i32);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Ok(None) => {
+                // SIGTERM first: the harness stops its relays and Postgres.
+                let _ = killpg(group, Signal::SIGTERM);
+                let grace = Instant::now() + Duration::from_secs(10);
+                while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let _ = killpg(group, Signal::SIGKILL);
+                let _ = child.wait();
+                break None;
+            }
+            Err(e) => panic!("waiting for node: {e}"),
+        }
+    };
+    // Whatever the group left behind goes too (nothing, when it ended well).
+    let _ = killpg(group, Signal::SIGKILL);
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    (status, stdout, stderr)
+}
+
+/// What a TAP stream (`node --test --test-reporter=tap`) reports.
+#[derive(Debug, Default, PartialEq)]
+struct Tap {
+    /// `ok` and `not ok` lines, at any depth.
+    passed: usize,
+    failed: Vec<String>,
+    /// Test points with a `# SKIP` or `# TODO` directive.
+    skipped_or_todo: Vec<String>,
+    /// The run's closing counts (`# tests 12`, `# pass 12`, ...).
+    summary: std::collections::BTreeMap<String, u64>,
+}
+
+fn parse_tap(stdout: &str) -> Tap {
+    let mut tap = Tap::default();
+    for line in stdout.lines() {
+        let point = line.trim_start();
+        let (ok, rest) = if let Some(rest) = point.strip_prefix("not ok ") {
+            (false, rest)
+        } else if let Some(rest) = point.strip_prefix("ok ") {
+            (true, rest)
+        } else {
+            if let Some((key, n)) = line.strip_prefix("# ").and_then(|l| l.split_once(' ')) {
+                if let Ok(n) = n.trim().parse() {
+                    tap.summary.insert(key.to_string(), n);
+                }
+            }
+            continue;
+        };
+        let directive = rest
+            .split_once(" # ")
+            .map(|(_, d)| d.trim_start().to_ascii_uppercase());
+        if directive
+            .as_deref()
+            .is_some_and(|d| d.starts_with("SKIP") || d.starts_with("TODO"))
+        {
+            tap.skipped_or_todo.push(point.to_string());
+        } else if ok {
+            tap.passed += 1;
+        } else {
+            tap.failed.push(point.to_string());
+        }
+    }
+    tap
+}
+
+/// Why a TAP run does not count as every test passed, if it does not.
+fn tap_verdict(tap: &Tap) -> Result<(), String> {
+    let count = |key: &str| tap.summary.get(key).copied();
+    let mut why = Vec::new();
+    if !tap.failed.is_empty() {
+        why.push(format!("failed: {:?}", tap.failed));
+    }
+    if !tap.skipped_or_todo.is_empty() {
+        why.push(format!(
+            "skipped or todo (not allowed): {:?}",
+            tap.skipped_or_todo
+        ));
+    }
+    for key in ["fail", "cancelled", "skipped", "todo"] {
+        match count(key) {
+            Some(0) => {}
+            Some(n) => why.push(format!("# {key} {n}")),
+            None => why.push(format!("no `# {key}` count in the summary")),
+        }
+    }
+    match (count("tests"), count("pass")) {
+        (Some(tests), Some(pass)) if tests > 0 && tests == pass => {}
+        (tests, pass) => why.push(format!("# tests {tests:?}, # pass {pass:?}")),
+    }
+    if tap.passed == 0 {
+        why.push("no passing test point".to_string());
+    }
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why.join("; "))
+    }
+}
+
+#[test]
+fn the_tap_check_refuses_failures_skips_todos_and_empty_runs() {
+    let good = "TAP version 13\n# Subtest: a\nok 1 - a\n  ---\n  ...\n    ok 1 - inner\n1..1\n\
+                # tests 1\n# suites 0\n# pass 1\n# fail 0\n# cancelled 0\n# skipped 0\n# todo 0\n";
+    assert_eq!(tap_verdict(&parse_tap(good)), Ok(()));
+    for (bad, why) in [
+        (
+            good.replace("ok 1 - a", "ok 1 - a # SKIP no chromium"),
+            "a skip",
+        ),
+        (
+            good.replace("ok 1 - inner", "ok 1 - inner # TODO later"),
+            "a todo",
+        ),
+        (good.replace("ok 1 - a", "not ok 1 - a"), "a failure"),
+        (good.replace("# skipped 0", "# skipped 1"), "a skip count"),
+        (
+            good.replace("# pass 1", "# pass 0"),
+            "fewer passes than tests",
+        ),
+        (good.replace("# todo 0\n", ""), "no todo count"),
+        (
+            "TAP version 13\n1..0\n# tests 0\n# pass 0\n".to_string(),
+            "no test",
+        ),
+        (String::new(), "no output"),
+    ] {
+        assert!(tap_verdict(&parse_tap(&bad)).is_err(), "{why} passed");
+    }
+}
+
 #[test]
 fn javascript_sdk_suites_pass_against_the_relay_binary() {
     let major = node_major();
@@ -105,45 +273,134 @@ fn javascript_sdk_suites_pass_against_the_relay_binary() {
     if flag_ok {
         cmd.arg("--experimental-websocket");
     }
+    // TAP, named: newer Node defaults to another reporter on a terminal.
     cmd.args([
         "--test",
+        "--test-reporter=tap",
         "test/unit.test.js",
         "test/relay.test.js",
         "test/browser.test.js",
     ])
     .current_dir(&dir)
+    .stdin(Stdio::null())
     .env("PGRELAY_BIN", env!("CARGO_BIN_EXE_pgrelay"))
     .env("CHROMIUM", &chromium);
     let started = Instant::now();
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running node --test: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let summary: Vec<&str> = stdout
-        .lines()
-        .filter(|l| {
-            l.starts_with("ok ")
-                || l.starts_with("not ok ")
-                || l.starts_with("# pass")
-                || l.starts_with("# fail")
-        })
-        .collect();
+    let (status, stdout, stderr) = run_bounded(&mut cmd, NODE_TIMEOUT);
+    let Some(status) = status else {
+        panic!("node --test ran past {NODE_TIMEOUT:?} and was killed:\n{stdout}\n{stderr}");
+    };
+    let tap = parse_tap(&stdout);
     println!(
-        "node --test in clients/js ({:.0?}):\n{}",
+        "node --test in clients/js ({:.0?}): {} test points passed; {:?}",
         started.elapsed(),
-        summary.join("\n")
+        tap.passed,
+        tap.summary
     );
+    assert!(
+        status.success(),
+        "the JavaScript SDK's tests failed ({status}):\n{stdout}\n{stderr}"
+    );
+    if let Err(why) = tap_verdict(&tap) {
+        panic!("the JavaScript SDK's tests did not all pass: {why}\n{stdout}\n{stderr}");
+    }
+}
+
+/// The SDK's code tables (`clients/js/src/codes.js`), as node loads them:
+/// `Close`, `ErrorCode` and `ResetReason`.
+fn sdk_code_tables() -> serde_json::Value {
+    node_major();
+    let script = "import { pathToFileURL } from 'node:url';\n\
+        const c = await import(pathToFileURL(process.argv[1]));\n\
+        console.log(JSON.stringify({ Close: c.Close, ErrorCode: c.ErrorCode, ResetReason: c.ResetReason }));";
+    let out = Command::new("node")
+        .args(["--input-type=module", "-e", script])
+        .arg(package_dir().join("src/codes.js"))
+        .output()
+        .unwrap_or_else(|e| panic!("running node on codes.js: {e}"));
     assert!(
         out.status.success(),
-        "the JavaScript SDK's tests failed ({}):\n{stdout}\n{stderr}",
-        out.status
+        "node could not load clients/js/src/codes.js: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "codes.js printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The values of one table, as text, sorted; fails on a repeated value.
+fn values(tables: &serde_json::Value, table: &str) -> Vec<String> {
+    let map = tables[table]
+        .as_object()
+        .unwrap_or_else(|| panic!("codes.js exports no {table} table: {tables}"));
+    let mut values: Vec<String> = map
+        .values()
+        .map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    values.sort();
+    let before = values.len();
+    values.dedup();
+    assert_eq!(values.len(), before, "{table} names a value twice: {map:?}");
+    values
+}
+
+/// Fails, naming what is missing on which side, unless both hold the same.
+fn same_codes(what: &str, sdk: Vec<String>, relay: Vec<String>) {
+    let only_relay: Vec<&String> = relay.iter().filter(|c| !sdk.contains(c)).collect();
+    let only_sdk: Vec<&String> = sdk.iter().filter(|c| !relay.contains(c)).collect();
     assert!(
-        summary
-            .iter()
-            .any(|l| l.starts_with("# pass") && l != &"# pass 0"),
-        "node --test ran no test:\n{stdout}"
+        only_relay.is_empty() && only_sdk.is_empty(),
+        "{what}: the relay speaks {only_relay:?} which clients/js/src/codes.js lacks, and the SDK \
+         lists {only_sdk:?} which the relay never sends (src/relay/protocol.rs)"
+    );
+}
+
+#[test]
+fn the_sdk_knows_exactly_the_codes_the_relay_speaks() {
+    use pgrelay::relay::protocol::{close, code, reset_reason};
+    let tables = sdk_code_tables();
+    // Close codes that are not the relay's: the SDK's own close (1000),
+    // a connection lost without a close frame (1006, never on the wire),
+    // and the SDK's own ping timeout (4508). Exactly these, under these
+    // names, so a relay code cannot hide among them.
+    let sdk_only = [
+        ("NORMAL", 1000),
+        ("ABNORMAL", 1006),
+        ("CLIENT_PING_TIMEOUT", 4508),
+    ];
+    for (name, value) in sdk_only {
+        assert_eq!(
+            tables["Close"][name], value,
+            "codes.js Close.{name} must be {value}"
+        );
+        assert!(
+            !close::ALL.contains(&value),
+            "the relay sends {value}, which the SDK takes for its own"
+        );
+    }
+    let sdk_close: Vec<String> = values(&tables, "Close")
+        .into_iter()
+        .filter(|c| !sdk_only.iter().any(|(_, v)| c == &v.to_string()))
+        .collect();
+    let text = |all: &[&str]| {
+        let mut v: Vec<String> = all.iter().map(|c| c.to_string()).collect();
+        v.sort();
+        v
+    };
+    let mut relay_close: Vec<String> = close::ALL.iter().map(u16::to_string).collect();
+    relay_close.sort();
+    same_codes("close codes", sdk_close, relay_close);
+    same_codes("error codes", values(&tables, "ErrorCode"), text(code::ALL));
+    same_codes(
+        "reset reasons",
+        values(&tables, "ResetReason"),
+        text(reset_reason::ALL),
     );
 }
 

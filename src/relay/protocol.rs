@@ -6,7 +6,7 @@
 //! This module only parses what clients send and builds the few control
 //! frames the relay itself says.
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::relay::log::Cursor;
 
@@ -22,12 +22,22 @@ pub mod close {
     pub const UNAUTHORIZED: u16 = 4001;
     /// The token's `exp` has passed (and no fresh one was sent in time).
     pub const TOKEN_EXPIRED: u16 = 4002;
-    /// The connection itself is not allowed (e.g. origin or limits).
-    pub const FORBIDDEN: u16 = 4003;
     /// The peer stopped answering pings.
     pub const UNRESPONSIVE: u16 = 4008;
     /// Too many frames per second, or too many connections.
     pub const RATE_LIMITED: u16 = 4029;
+
+    /// Every close code above (a test checks that none is left out; the
+    /// SDK's `clients/js/src/codes.js` is checked against it).
+    pub const ALL: &[u16] = &[
+        GOING_AWAY,
+        INVALID_PAYLOAD,
+        MESSAGE_TOO_BIG,
+        UNAUTHORIZED,
+        TOKEN_EXPIRED,
+        UNRESPONSIVE,
+        RATE_LIMITED,
+    ];
 }
 
 /// Error codes of `error` frames.
@@ -48,6 +58,24 @@ pub mod code {
     pub const AUTHORIZE_FAILED: &str = "authorize_failed";
     /// A broadcast payload or a presence state over its limit (G9).
     pub const TOO_LARGE: &str = "too_large";
+
+    /// Every code above (a test checks that none is left out; the SDK's
+    /// `clients/js/src/codes.js` is checked against it).
+    pub const ALL: &[&str] = &[
+        BAD_JSON,
+        BAD_REQUEST,
+        UNKNOWN_ACTION,
+        BINARY_NOT_SUPPORTED,
+        FORBIDDEN,
+        NOT_SUBSCRIBED,
+        TOO_MANY_SUBSCRIPTIONS,
+        UNAVAILABLE,
+        RATE_LIMITED,
+        UNAUTHORIZED,
+        TOKEN_EXPIRED,
+        AUTHORIZE_FAILED,
+        TOO_LARGE,
+    ];
 }
 
 /// Longest scope (project id) accepted, as in the SQL side.
@@ -117,6 +145,12 @@ pub struct ProtocolError {
     pub message: String,
     /// The action the frame asked for, when it could be read.
     pub action: Option<String>,
+    /// The project a refused `subscribe` or `unsubscribe` named, when it
+    /// could be read (a string or an integer, even one refused as a
+    /// scope): the client ends exactly that subscription.
+    pub scope: Option<String>,
+    /// The `id` of a refused broadcast, when it could be read.
+    pub id: Option<String>,
 }
 
 impl ProtocolError {
@@ -125,11 +159,23 @@ impl ProtocolError {
             code,
             message: message.into(),
             action: action.map(str::to_string),
+            scope: None,
+            id: None,
         }
     }
 
     pub fn to_frame(&self) -> String {
-        error_frame(self.code, &self.message, self.action.as_deref(), None)
+        match (&self.action, &self.scope, &self.id) {
+            (Some(action), Some(scope), Some(id)) => {
+                signal_error_frame(self.code, &self.message, action, scope, Some(id))
+            }
+            _ => error_frame(
+                self.code,
+                &self.message,
+                self.action.as_deref(),
+                self.scope.as_deref(),
+            ),
+        }
     }
 }
 
@@ -161,6 +207,39 @@ pub fn parse(text: &str) -> Result<ClientMessage, ProtocolError> {
             ))
         }
     };
+    let request = request(&obj, action);
+    // A refused request about a project names it, so that the client can
+    // end that subscription (and only that one) or fail that broadcast.
+    if matches!(
+        action,
+        "subscribe" | "unsubscribe" | "broadcast" | "presence" | "presence_leave"
+    ) {
+        return request.map_err(|e| ProtocolError {
+            scope: named_scope(&obj),
+            id: match obj.get("id") {
+                Some(Value::String(id)) if action == "broadcast" && id.len() <= MAX_ID_LEN => {
+                    Some(id.clone())
+                }
+                _ => None,
+            },
+            ..e
+        });
+    }
+    request
+}
+
+/// The `project_id` a frame names, as the client wrote it: a string (even
+/// one refused as a scope) or an integer's decimal text.
+fn named_scope(obj: &Map<String, Value>) -> Option<String> {
+    match obj.get("project_id") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The request a JSON object with a string `action` asks for.
+fn request(obj: &Map<String, Value>, action: &str) -> Result<ClientMessage, ProtocolError> {
     let scope = || -> Result<String, ProtocolError> {
         match obj.get("project_id") {
             Some(Value::String(s))
@@ -399,6 +478,10 @@ pub mod reset_reason {
     /// that lacked the last commits, a restore from backup). What the
     /// client holds after its last common event may not exist any more.
     pub const HISTORY_DIVERGED: &str = "history_diverged";
+
+    /// Every reason above (a test checks that none is left out; the SDK's
+    /// `clients/js/src/codes.js` is checked against it).
+    pub const ALL: &[&str] = &[HISTORY_TRIMMED, SEQ_AHEAD, HISTORY_DIVERGED];
 }
 
 /// `{"type":"reset",..}`: reload the scope's state; events after the
@@ -660,5 +743,106 @@ mod tests {
         let server: Value =
             serde_json::from_str(&broadcast_frame("p", "e", None, "null")).expect("valid JSON");
         assert!(server["from"].is_null());
+    }
+
+    /// The values of the `pub const`s declared in `pub mod NAME { .. }` of
+    /// this file, except `ALL`: what each module's `ALL` must list.
+    fn declared(module: &str) -> Vec<String> {
+        let src = include_str!("protocol.rs");
+        let head = format!("pub mod {module} {{");
+        let start = src.find(&head).expect("the module in this file");
+        let body = &src[start + head.len()..];
+        let body = &body[..body.find("\n}").expect("the module's end")];
+        body.split("pub const ")
+            .skip(1)
+            .filter(|decl| !decl.starts_with("ALL:"))
+            .map(|decl| {
+                let value = decl.split_once('=').expect("a value").1;
+                let value = value.split_once(';').expect("a `;`").0;
+                value.trim().trim_matches('"').to_string()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_code_is_listed_in_all() {
+        let mut close: Vec<String> = close::ALL.iter().map(u16::to_string).collect();
+        let mut code: Vec<String> = code::ALL.iter().map(|c| c.to_string()).collect();
+        let mut reason: Vec<String> = reset_reason::ALL.iter().map(|c| c.to_string()).collect();
+        for (module, listed) in [
+            ("close", &mut close),
+            ("code", &mut code),
+            ("reset_reason", &mut reason),
+        ] {
+            let mut declared = declared(module);
+            assert!(declared.len() >= 3, "{module}: read {declared:?}");
+            declared.sort();
+            listed.sort();
+            assert_eq!(
+                &declared, listed,
+                "{module}::ALL must list every code of {module}"
+            );
+        }
+    }
+
+    /// The error frame a refused text becomes, parsed back.
+    fn refusal(text: &str) -> Value {
+        let e = parse(text).expect_err(text);
+        serde_json::from_str(&e.to_frame()).expect("an error frame is JSON")
+    }
+
+    #[test]
+    fn a_refused_subscribe_names_the_project_it_asked_for() {
+        let long = "x".repeat(300);
+        for (text, action, scope) in [
+            (
+                r#"{"action":"subscribe","project_id":"p","since_seq":-1}"#.to_string(),
+                "subscribe",
+                "p",
+            ),
+            (
+                r#"{"action":"subscribe","project_id":7,"since_seq":1,"since_timestamp":"yesterday"}"#
+                    .to_string(),
+                "subscribe",
+                "7",
+            ),
+            (
+                r#"{"since_timestamp":"2026-11-24T08:00:00Z","project_id":"q","action":"subscribe"}"#
+                    .to_string(),
+                "subscribe",
+                "q",
+            ),
+            (
+                format!(r#"{{"action":"subscribe","project_id":"{long}"}}"#),
+                "subscribe",
+                long.as_str(),
+            ),
+            (
+                r#"{"action":"subscribe","project_id":""}"#.to_string(),
+                "subscribe",
+                "",
+            ),
+            (
+                r#"{"action":"unsubscribe","project_id":"p\u0001"}"#.to_string(),
+                "unsubscribe",
+                "p\u{1}",
+            ),
+        ] {
+            let frame = refusal(&text);
+            assert_eq!(frame["code"], code::BAD_REQUEST, "{text}");
+            assert_eq!(frame["ref"], action, "{text}");
+            assert_eq!(frame["project_id"], scope, "{text}");
+        }
+        // No readable project, or an action that is not about one: no scope.
+        for text in [
+            r#"{"action":"subscribe"}"#,
+            r#"{"action":"subscribe","project_id":1.5}"#,
+            r#"{"action":"unsubscribe","project_id":["p"]}"#,
+            r#"{"action":"auth","project_id":"p"}"#,
+            r#"{"action":"explode","project_id":"p"}"#,
+            r#"{"project_id":"p"}"#,
+        ] {
+            assert_eq!(refusal(text).get("project_id"), None, "{text}");
+        }
     }
 }

@@ -275,7 +275,12 @@ export class Client extends Emitter {
   }
 
   _onErrorFrame(frame, sub) {
-    if (sub && frame.ref !== "auth") return sub._onError(frame);
+    // A refused subscribe names its project: that subscription ends (or
+    // retries), the others go on.
+    if (sub && frame.ref === "subscribe") return sub._onError(frame);
+    // An answer to an unsubscribe concerns a subscription already forgotten
+    // (the SDK forgets before it unsubscribes), not a newer one of the project.
+    if (frame.ref === "unsubscribe" && frame.project_id !== undefined) return;
     if (frame.ref === "auth") {
       // A refreshed token was refused; the current one still holds until
       // it expires. Try again shortly; an expiry closes with 4002, which

@@ -18,7 +18,7 @@ export class PgRelayError extends Error {
 /** The relay refused the token (4001/4002, `unauthorized`, 401) and the provider had no other. */
 export class AuthError extends PgRelayError {}
 
-/** The relay closed with a code that says "do not come back" (1007, 1009, 4003). */
+/** The relay closed with a code that says "do not come back" (1007, 1009). */
 export class ConnectionError extends PgRelayError {}
 
 /** A subscription was refused or ended by the relay (`forbidden`, `too_many_subscriptions`, ...). */

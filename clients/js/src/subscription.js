@@ -129,8 +129,9 @@ export class Subscription extends Emitter {
       return;
     }
     if (frame.code === ErrorCode.NOT_SUBSCRIBED) return; // an unsubscribe crossed an end
-    // forbidden (not a member, or membership revoked), too_many_subscriptions,
-    // bad_request: the same subscribe would be refused again.
+    // forbidden (not a member, or membership revoked), authorize_failed,
+    // too_many_subscriptions, bad_request (the relay names the project it
+    // refused): the same subscribe would be refused again.
     this.client._forget(this);
     this.emit("error", err);
     this._end(err);

@@ -6,7 +6,7 @@
 import { test, before, after, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
-import { Client, ChatApi, Outbox, collection, invalidateOn, AuthError, ConnectionError } from "../src/index.js";
+import { Client, ChatApi, Outbox, collection, invalidateOn, AuthError, ConnectionError, SubscriptionError } from "../src/index.js";
 import { Postgres, Relay, Proxy, seed, token, until, sleep, insertLoop, tally, output, freePort } from "./harness.js";
 
 let pg;
@@ -276,6 +276,52 @@ test("tokens are refreshed in band before expiry; an expired one is replaced and
   results.expiry = { ...tally(expected, got2.ids), sockets: expiring.stats.sockets, lastClose: expiring.stats.lastClose };
   expiring.close();
   await relay.stop();
+});
+
+test("a bad_request on a subscribe ends exactly that subscription; the others go on", async () => {
+  const { db, relay } = await setup();
+  const client = track(new Client({ url: relay.ws, token: () => token("alice"), ...quick }));
+  const clientErrors = [];
+  client.on("error", (e) => clientErrors.push(e));
+  const good = client.subscribe("p");
+  const got = record(good);
+  await good.ready();
+  // A project id the relay refuses (over 256 bytes): ready() must reject
+  // with the relay's error, not wait forever.
+  const long = "x".repeat(300);
+  const refused = client.subscribe(long);
+  const ended = [];
+  refused.on("ended", (e) => ended.push(e));
+  const outcome = await Promise.race([
+    refused.ready().then(() => "resolved", (e) => e),
+    sleep(10_000).then(() => "still pending 10 s after subscribing"),
+  ]);
+  assert.ok(outcome instanceof SubscriptionError, `ready() gave ${outcome}`);
+  assert.equal(outcome.code, "bad_request");
+  assert.equal(outcome.project, long);
+  assert.ok(outcome.fatal);
+  assert.ok(refused.ended);
+  assert.deepEqual(ended, [outcome]);
+  assert.equal(client.subscriptions.has(long), false, "forgotten: not resubscribed after a reconnect");
+  // A stored cursor whose timestamp the relay never sent: a resumed
+  // subscription (ready at once, from its cursor) ends the same way.
+  const resumed = client.subscribe("q", { cursor: { seq: 3, timestamp: "yesterday" } });
+  const resumedEnded = [];
+  resumed.on("ended", (e) => resumedEnded.push(e));
+  await until(() => resumed.ended, "the resumed subscription with a bad cursor to end", 10_000);
+  assert.equal(resumedEnded[0]?.code, "bad_request");
+  assert.equal(resumedEnded[0]?.project, "q");
+  // The other subscription and the connection go on, and the app saw no
+  // client-level error: the errors were the subscriptions'.
+  await insertLoop(pg, db, "p", "bob", 5, 0, "after the refusals");
+  const expected = await messageIds(db);
+  await until(() => got.ids.length >= expected.length, "the messages after the refusals");
+  assert.deepEqual(got.ids, expected);
+  assert.equal(good.state, "subscribed");
+  assert.equal(client.state, "connected");
+  assert.equal(client.stats.sockets, 1);
+  assert.deepEqual(clientErrors.map((e) => e.message), []);
+  results.badRequest = { refused: outcome.code, resumed: resumedEnded[0].code, others: got.ids.length };
 });
 
 test("outbox: a 503 while Postgres is down is retried until it succeeds, once", async () => {

@@ -4,6 +4,8 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import * as sdk from "../src/index.js";
 import { backoffDelay, closeAction, Collection, Subscription, unsent } from "../src/index.js";
 import { Emitter } from "../src/emitter.js";
 
@@ -20,11 +22,11 @@ test("backoff delays stay within min and the doubling cap", () => {
 });
 
 test("close codes map to reconnect, slow, token or fatal", () => {
-  for (const c of [1000, 1001, 1006, 1011, 4008, 4999]) assert.equal(closeAction(c), "reconnect", String(c));
+  for (const c of [1000, 1001, 1006, 1011, 4003, 4008, 4999]) assert.equal(closeAction(c), "reconnect", String(c));
   assert.equal(closeAction(4029), "slow");
   assert.equal(closeAction(4001), "token");
   assert.equal(closeAction(4002), "token");
-  for (const c of [1007, 1009, 4003]) assert.equal(closeAction(c), "fatal", String(c));
+  for (const c of [1007, 1009]) assert.equal(closeAction(c), "fatal", String(c));
 });
 
 /** A subscription with a stand-in for the client that records resubscribes. */
@@ -145,4 +147,18 @@ test("unsent items are those whose message is not in the collection yet", () => 
     { op: "edit", id: "c", body: "z" },
   ];
   assert.deepEqual(unsent(items, [{ client_generated_id: "a" }]).map((i) => i.id), ["b"]);
+});
+
+test("the types declare every export, and the README names every export and member the types declare", () => {
+  const types = readFileSync(new URL("../src/index.d.ts", import.meta.url), "utf8");
+  const readme = readFileSync(new URL("../README.md", import.meta.url), "utf8");
+  const exported = new Set([...types.matchAll(/^export (?:class|function|const|type|interface) (\w+)/gm)].map((m) => m[1]));
+  assert.deepEqual(Object.keys(sdk).filter((name) => !exported.has(name)), [], "exports of index.js missing from index.d.ts");
+  const members = [...types.matchAll(/^ {2}(?:readonly )?(\w+)\??[(:<]/gm)].map((m) => m[1]).filter((n) => n !== "constructor");
+  const fenced = [];
+  const prose = readme.replace(/```[\s\S]*?```/g, (block) => (fenced.push(block), ""));
+  const spans = [...fenced, ...[...prose.matchAll(/`([^`]+)`/g)].map((m) => m[1])].join("\n");
+  const unnamed = [...new Set([...exported, ...members])].filter((name) => !new RegExp(`\\b${name}\\b`).test(spans));
+  assert.deepEqual(unnamed, [], "declared in index.d.ts, not named in README.md");
+  assert.ok(exported.size >= 30 && members.length >= 80, `read ${exported.size} exports and ${members.length} members`);
 });
