@@ -324,7 +324,7 @@ fn request(obj: &Map<String, Value>, action: &str) -> Result<ClientMessage, Prot
                 presence,
             })
         }
-        "broadcast" => parse_broadcast(&obj, scope()?).map(ClientMessage::Broadcast),
+        "broadcast" => parse_broadcast(obj, scope()?).map(ClientMessage::Broadcast),
         "presence" => {
             let scope = scope()?;
             let state = match obj.get("state") {
