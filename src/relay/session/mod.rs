@@ -399,6 +399,13 @@ impl Session {
                 Ok(request) => self.on_request(request, out).await,
                 Err(e) => {
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
+                    if e.action.as_deref() == Some("broadcast") {
+                        self.ctx
+                            .metrics
+                            .signals
+                            .broadcasts_refused
+                            .fetch_add(1, Relaxed);
+                    }
                     out.text(e.to_frame()).await
                 }
             },
