@@ -5,10 +5,11 @@
 //! per present connection in `relay.presence_members`, one lease per
 //! running relay in `relay.relays`. Nothing else is shared between relays.
 //!
-//! - **Writes.** Sessions hand their joins, updates and leaves to one
-//!   writer task, which applies them in batches (`relay.presence_apply`,
-//!   one transaction and one NOTIFY commit per batch) and retries until
-//!   the database takes them. Each changed row gets a new version and
+//! - **Writes.** Sessions leave their joins, updates and leaves in one
+//!   map, the last change of each connection only (so it is bounded by the
+//!   connections present, whatever they send), which one writer task
+//!   applies in batches (`relay.presence_apply`, one transaction and one
+//!   NOTIFY commit per batch) and retries until the database takes them. Each changed row gets a new version and
 //!   sends a diff on the signal channel.
 //! - **Leases.** The writer renews this relay's lease every third of
 //!   `timeout` and sweeps (`relay.presence_sweep`): members of relays whose
@@ -36,7 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_postgres::types::Type;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -66,8 +67,6 @@ pub struct PresenceConfig {
 const MAX_BUFFERED: usize = 10_000;
 /// How long a mirror keeps a member that left.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(120);
-/// Changes applied in one transaction.
-const MAX_BATCH: usize = 1_000;
 const RETRY: Duration = Duration::from_millis(500);
 
 /// One change of a member row, as the diff on the signal channel says it.
@@ -81,16 +80,8 @@ pub struct Diff {
     pub state: Option<String>,
 }
 
-/// A session's join, update or leave, on its way to the writer.
-struct Change {
-    scope: Arc<str>,
-    conn: u64,
-    user: Arc<str>,
-    /// Compact JSON; `None` leaves.
-    state: Option<String>,
-    /// Where to say it is stored (the session, when it still listens).
-    reply: Option<Arc<Mailbox>>,
-}
+/// A member row: (scope, this relay's connection number).
+type Key = (Arc<str>, u64);
 
 #[derive(Debug)]
 struct Member {
@@ -120,22 +111,21 @@ pub struct Presence {
     config: PresenceConfig,
     pool: BoundedPool,
     metrics: Arc<Metrics>,
-    changes: mpsc::UnboundedSender<Change>,
-    /// Taken by [`Presence::run`].
-    changes_rx: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
+    /// The last change of each member row not yet stored.
+    pending: Mutex<HashMap<Key, Pending>>,
+    write_wake: Notify,
     mirrors: Mutex<HashMap<Arc<str>, Mirror>>,
     load_wake: Notify,
 }
 
 impl Presence {
     pub fn new(config: PresenceConfig, pool: BoundedPool, metrics: Arc<Metrics>) -> Arc<Self> {
-        let (changes, rx) = mpsc::unbounded_channel();
         Arc::new(Presence {
             config,
             pool,
             metrics,
-            changes,
-            changes_rx: Mutex::new(Some(rx)),
+            pending: Mutex::new(HashMap::new()),
+            write_wake: Notify::new(),
             mirrors: Mutex::new(HashMap::new()),
             load_wake: Notify::new(),
         })
@@ -164,15 +154,23 @@ impl Presence {
         state: Option<String>,
         reply: Option<Arc<Mailbox>>,
     ) {
-        // The writer lives as long as the relay; after shutdown the lease
-        // ends with every member, so a change sent then is moot.
-        let _ = self.changes.send(Change {
-            scope: Arc::from(scope),
-            conn,
+        // After shutdown the lease ends with every member, so a change
+        // left here then is moot.
+        let key = (Arc::from(scope), conn);
+        let mut pending = self.pending();
+        let entry = pending.entry(key).or_insert_with(|| Pending {
             user: Arc::from(user),
-            state,
-            reply,
+            state: None,
+            replies: Vec::new(),
         });
+        entry.state = state;
+        entry.replies.extend(reply);
+        drop(pending);
+        self.write_wake.notify_one();
+    }
+
+    fn pending(&self) -> MutexGuard<'_, HashMap<Key, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Subscription `sub` of the session behind `mailbox` watches `scope`:
@@ -274,24 +272,12 @@ impl Presence {
     /// The writer and the mirrors' loader, until shutdown; at shutdown this
     /// relay's lease ends and its members leave at once.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let Some(rx) = self
-            .changes_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
-            return;
-        };
         let loader = self.clone().run_loader(shutdown.clone());
-        let writer = self.clone().run_writer(rx, shutdown);
+        let writer = self.clone().run_writer(shutdown);
         tokio::join!(loader, writer);
     }
 
-    async fn run_writer(
-        self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<Change>,
-        shutdown: CancellationToken,
-    ) {
+    async fn run_writer(self: Arc<Self>, shutdown: CancellationToken) {
         let mut writer = Writer::default();
         let mut heartbeat = tokio::time::interval(self.config.timeout / 3);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -301,23 +287,32 @@ impl Presence {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = heartbeat.tick() => self.heartbeat(&mut writer).await,
-                change = rx.recv() => {
-                    let Some(change) = change else { break };
-                    writer.add(change);
-                    while writer.pending.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(change) => writer.add(change),
-                            Err(_) => break,
+                _ = self.write_wake.notified() => {}
+                _ = sleep_until_opt(retry_at) => retry_at = None,
+            }
+            if retry_at.is_some() {
+                continue;
+            }
+            let batch = std::mem::take(&mut *self.pending());
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err((e, batch)) = self.apply(batch, &mut writer).await {
+                tracing::warn!(error = %e, pending = batch.len(), "writing presence failed; retrying");
+                // Put back what no newer change replaced.
+                let mut pending = self.pending();
+                for (key, mut old) in batch {
+                    match pending.get_mut(&key) {
+                        Some(newer) => {
+                            old.replies.append(&mut newer.replies);
+                            newer.replies = old.replies;
+                        }
+                        None => {
+                            pending.insert(key, old);
                         }
                     }
                 }
-                _ = sleep_until_opt(retry_at) => retry_at = None,
-            }
-            if !writer.pending.is_empty() && retry_at.is_none() {
-                if let Err(e) = self.apply(&mut writer).await {
-                    tracing::warn!(error = %e, pending = writer.pending.len(), "writing presence failed; retrying");
-                    retry_at = Some(Instant::now() + RETRY);
-                }
+                retry_at = Some(Instant::now() + RETRY);
             }
         }
         match self
@@ -357,13 +352,23 @@ impl Presence {
         match held {
             Ok(rows) => {
                 let held: i64 = rows.first().map_or(0, |r| r.get(0));
-                if writer.pending.is_empty() && held != writer.present.len() as i64 {
+                let settled = self.pending().is_empty();
+                if settled && held != writer.present.len() as i64 {
                     tracing::info!(
                         held,
                         present = writer.present.len(),
                         "the database's presence of this relay differs from its own; writing it again"
                     );
-                    writer.reassert();
+                    let mut pending = self.pending();
+                    for (key, (user, state)) in &writer.present {
+                        pending.entry(key.clone()).or_insert_with(|| Pending {
+                            user: user.clone(),
+                            state: Some(state.clone()),
+                            replies: Vec::new(),
+                        });
+                    }
+                    drop(pending);
+                    self.write_wake.notify_one();
                 }
             }
             Err(e) => tracing::warn!(error = %e, "renewing the presence lease failed"),
@@ -387,18 +392,24 @@ impl Presence {
         self.purge_tombstones();
     }
 
-    async fn apply(&self, writer: &mut Writer) -> Result<(), crate::db::pool::DbError> {
-        let mut scopes = Vec::with_capacity(writer.pending.len());
-        let mut connections = Vec::with_capacity(writer.pending.len());
-        let mut users = Vec::with_capacity(writer.pending.len());
-        let mut states = Vec::with_capacity(writer.pending.len());
-        for ((scope, conn), pending) in &writer.pending {
+    /// Stores `batch`; on failure hands it back.
+    async fn apply(
+        &self,
+        batch: HashMap<Key, Pending>,
+        writer: &mut Writer,
+    ) -> Result<(), (crate::db::pool::DbError, HashMap<Key, Pending>)> {
+        let mut scopes = Vec::with_capacity(batch.len());
+        let mut connections = Vec::with_capacity(batch.len());
+        let mut users = Vec::with_capacity(batch.len());
+        let mut states = Vec::with_capacity(batch.len());
+        for ((scope, conn), pending) in &batch {
             scopes.push(scope.as_ref());
             connections.push(self.connection_key(*conn));
             users.push(pending.user.as_ref());
             states.push(pending.state.as_deref());
         }
-        self.pool
+        let stored = self
+            .pool
             .query(
                 "SELECT relay.presence_apply($1, $2, $3, $4, $5::text[]::jsonb[])",
                 &[
@@ -409,12 +420,16 @@ impl Presence {
                     (&states, Type::TEXT_ARRAY),
                 ],
             )
-            .await?;
+            .await;
+        drop((scopes, connections, users, states));
+        if let Err(e) = stored {
+            return Err((e, batch));
+        }
         self.metrics
             .signals
             .presence_changes
-            .fetch_add(writer.pending.len() as u64, Relaxed);
-        for ((scope, conn), pending) in writer.pending.drain() {
+            .fetch_add(batch.len() as u64, Relaxed);
+        for ((scope, conn), pending) in batch {
             let frame = match &pending.state {
                 Some(_) => protocol::presence_joined_frame(&scope, &self.connection_key(conn)),
                 None => protocol::presence_left_frame(&scope),
@@ -532,41 +547,11 @@ struct Pending {
     replies: Vec<Arc<Mailbox>>,
 }
 
-/// The writer's state: this relay's present connections, and the changes
-/// not yet stored.
+/// The writer's own state: this relay's present connections, what the
+/// database must hold for it ((scope, connection) -> (user, state)).
 #[derive(Default)]
 struct Writer {
-    /// (scope, connection) -> (user, state): what the database must hold
-    /// for this relay.
-    present: HashMap<(Arc<str>, u64), (Arc<str>, String)>,
-    /// The last change of each (scope, connection) not yet stored: one row
-    /// appears once in a batch.
-    pending: HashMap<(Arc<str>, u64), Pending>,
-}
-
-impl Writer {
-    fn add(&mut self, change: Change) {
-        let key = (change.scope, change.conn);
-        let pending = self.pending.entry(key).or_insert_with(|| Pending {
-            user: change.user.clone(),
-            state: None,
-            replies: Vec::new(),
-        });
-        pending.user = change.user;
-        pending.state = change.state;
-        pending.replies.extend(change.reply);
-    }
-
-    /// Every present connection is written again.
-    fn reassert(&mut self) {
-        for (key, (user, state)) in &self.present {
-            self.pending.entry(key.clone()).or_insert_with(|| Pending {
-                user: user.clone(),
-                state: Some(state.clone()),
-                replies: Vec::new(),
-            });
-        }
-    }
+    present: HashMap<Key, (Arc<str>, String)>,
 }
 
 impl Mirror {
