@@ -514,3 +514,87 @@ async fn signals_are_bounded_and_bad_ones_change_nothing() {
     assert_eq!(received, acks, "bob got every accepted broadcast, once");
     relay.shutdown().await;
 }
+
+/// Diffs sent while a relay's LISTEN connection is down are lost to it;
+/// once it is back, its mirrors load again and every watcher gets a fresh
+/// snapshot, so presence converges anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_heals_after_the_listen_connection_comes_back() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "p", &["ann", "bob"]).await;
+    let r1 = start_relay(relay_config(&db.url)).await;
+    let r2 = start_relay(relay_config(&db.url)).await;
+    let mut bob = WsClient::connect(r1.addr, "bob").await;
+    subscribe_with_presence(&mut bob, "p").await;
+    let mut ann = WsClient::connect(r2.addr, "ann").await;
+    ann.subscribe("p", None).await;
+    ann.send_json(json!({"action": "presence", "project_id": "p", "state": {"v": 1}}))
+        .await;
+    assert_eq!(next_of(&mut bob, "presence", 5).await["event"], "join");
+
+    // Every relay's LISTEN connection goes; ann's update is written at once.
+    let n: i64 = c
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE application_name = 'pgrelay-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("terminating the listeners")
+        .get(0);
+    assert_eq!(n, 2, "both relays' LISTEN connections");
+    ann.send_json(json!({"action": "presence", "project_id": "p", "state": {"v": 2}}))
+        .await;
+    // Whether r1 heard the diff or not, it reloads once LISTEN is proven
+    // again and bob gets a snapshot that holds ann's latest state.
+    let snapshot = next_of(&mut bob, "presence_state", 15).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut state = snapshot["members"][0]["connections"][0]["state"]["v"].clone();
+    while state != json!(2) && Instant::now() < deadline {
+        let f = next_of(&mut bob, "presence", 10).await;
+        state = f["connections"][0]["state"]["v"].clone();
+    }
+    assert_eq!(state, json!(2), "bob ends with ann's latest state");
+    r1.shutdown().await;
+    r2.shutdown().await;
+}
+
+/// A relay alive but cut off long enough to lose its lease has its members
+/// taken out by another relay's sweep; once it reaches the database again
+/// it finds out (the heartbeat's count) and writes them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_lost_its_lease_while_alive_writes_its_members_back() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    seed_project(&c, "p", &["ann", "bob"]).await;
+    let mut config = relay_config(&db.url);
+    config.presence_timeout = Duration::from_secs(3);
+    let r1 = start_relay(config.clone()).await;
+    let r2 = start_relay(config).await;
+    let mut bob = WsClient::connect(r1.addr, "bob").await;
+    subscribe_with_presence(&mut bob, "p").await;
+    let mut ann = WsClient::connect(r2.addr, "ann").await;
+    ann.subscribe("p", None).await;
+    ann.send_json(json!({"action": "presence", "project_id": "p", "state": {}}))
+        .await;
+    assert_eq!(next_of(&mut bob, "presence", 5).await["event"], "join");
+
+    // As if r2 had missed its renewals: its lease ends and a sweep runs.
+    c.batch_execute(
+        "UPDATE relay.relays SET expires_at = now() - interval '1 second'
+         WHERE relay_id = (SELECT relay_id FROM relay.presence_members WHERE user_id = 'ann');
+         SELECT relay.presence_sweep();",
+    )
+    .await
+    .expect("ending r2's lease");
+    let left = next_of(&mut bob, "presence", 5).await;
+    assert_eq!(left["event"], "leave", "{left}");
+    // r2's next heartbeat (every second here) sees the database hold none
+    // of its members and writes ann back.
+    let back = next_of(&mut bob, "presence", 5).await;
+    assert_eq!(back["event"], "join", "{back}");
+    assert_eq!(back["user_id"], "ann");
+    r1.shutdown().await;
+    r2.shutdown().await;
+}
