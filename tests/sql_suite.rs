@@ -13,7 +13,7 @@ use common::TestDb;
 /// `sql/tests/*.sql`: a file added there without being named here (or a
 /// file named here and gone) fails the test instead of being silently run
 /// or silently dropped.
-const SQL_TESTS: [&str; 13] = [
+const SQL_TESTS: [&str; 14] = [
     "001_capture.sql",
     "002_rollback_and_scopes.sql",
     "003_copy.sql",
@@ -27,6 +27,7 @@ const SQL_TESTS: [&str; 13] = [
     "011_moves_long_keys_and_cursor_caps.sql",
     "012_any_writer_and_grants.sql",
     "013_divergence.sql",
+    "014_signals.sql",
 ];
 
 #[tokio::test(flavor = "multi_thread")]
