@@ -808,10 +808,12 @@ CREATE OR REPLACE FUNCTION relay.broadcast(
 ) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    v_bytes int;
+    v_bytes    int;
+    v_envelope text;
 BEGIN
-    IF p_scope IS NULL OR length(p_scope) = 0 OR octet_length(p_scope) > 256 THEN
-        RAISE EXCEPTION 'relay.broadcast: scope must be 1 to 256 bytes'
+    IF p_scope IS NULL OR length(p_scope) = 0 OR octet_length(p_scope) > 256
+       OR p_scope ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'relay.broadcast: scope must be 1 to 256 bytes without control characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_event IS NULL OR length(p_event) = 0 OR octet_length(p_event) > 64
@@ -819,8 +821,9 @@ BEGIN
         RAISE EXCEPTION 'relay.broadcast: event must be 1 to 64 bytes without control characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF p_from IS NOT NULL AND (length(p_from) = 0 OR octet_length(p_from) > 128) THEN
-        RAISE EXCEPTION 'relay.broadcast: from must be NULL or 1 to 128 bytes'
+    IF p_from IS NOT NULL AND (length(p_from) = 0 OR octet_length(p_from) > 128
+                               OR p_from ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'relay.broadcast: from must be NULL or 1 to 128 bytes without control characters'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_bytes := octet_length(coalesce(p_payload, 'null'::jsonb)::text);
@@ -832,9 +835,17 @@ BEGIN
     END IF;
     -- "n" makes every envelope unique: NOTIFY folds identical payloads of
     -- one transaction into one.
-    PERFORM pg_notify(relay.signal_channel(), json_build_object(
+    v_envelope := json_build_object(
         'k', 'b', 's', p_scope, 'e', p_event, 'f', p_from,
-        'p', coalesce(p_payload, 'null'::jsonb), 'n', nextval('relay.signal_nonce'))::text);
+        'p', coalesce(p_payload, 'null'::jsonb), 'n', nextval('relay.signal_nonce'))::text;
+    -- With the limits above the envelope fits; should it not (a payload
+    -- of many characters JSON escapes), say so rather than let NOTIFY.
+    IF octet_length(v_envelope) > 7999 THEN
+        RAISE EXCEPTION 'relay.broadcast: the broadcast is % bytes with its envelope; a NOTIFY carries at most 7999',
+            octet_length(v_envelope)
+            USING ERRCODE = 'program_limit_exceeded';
+    END IF;
+    PERFORM pg_notify(relay.signal_channel(), v_envelope);
 END
 $$;
 
@@ -1052,5 +1063,5 @@ CREATE TABLE IF NOT EXISTS refinery_schema_history(version int4 PRIMARY KEY, nam
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (1, 'relay', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '12795596339582729008') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (3, 'any_writer', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '7877633024837939909') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (4, 'divergence', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '855355579928818812') ON CONFLICT (version) DO NOTHING;
-INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (5, 'signals', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '1670862518407034233') ON CONFLICT (version) DO NOTHING;
+INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (5, 'signals', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '17203773715640258115') ON CONFLICT (version) DO NOTHING;
 COMMIT;

@@ -186,9 +186,8 @@ impl SignalMetrics {
     fn render(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "# HELP pgrelay_presence_members Connections present in some project's presence through this relay.
-             # TYPE pgrelay_presence_members gauge
-pgrelay_presence_members {}",
+            "# HELP pgrelay_presence_members Connections present in some project's presence through this relay.\n\
+             # TYPE pgrelay_presence_members gauge\npgrelay_presence_members {}",
             self.presence_members.load(Relaxed)
         );
         for (name, value, help) in [
@@ -549,5 +548,19 @@ mod tests {
         assert!(text.contains("pgrelay_delivery_delay_seconds_bucket{le=\"+Inf\"} 3"));
         assert!(text.contains("pgrelay_delivery_delay_seconds_count 3"));
         assert!(text.contains("pgrelay_notification_queue_usage 0"));
+    }
+
+    #[test]
+    fn every_line_is_a_comment_or_a_sample() {
+        let text = Metrics::default().render(Some(0.0));
+        for line in text.lines() {
+            assert!(
+                line.starts_with("# HELP pgrelay_")
+                    || line.starts_with("# TYPE pgrelay_")
+                    || line.starts_with("pgrelay_"),
+                "not exposition format: {line:?}"
+            );
+        }
+        assert!(text.contains("# TYPE pgrelay_presence_members gauge\npgrelay_presence_members 0"));
     }
 }

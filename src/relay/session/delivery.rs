@@ -165,6 +165,9 @@ impl Session {
             }
             if let Some(sub) = self.subs.get_mut(scope) {
                 sub.recheck = false;
+                if std::mem::take(&mut sub.presence_missed) {
+                    self.mailbox.resync(&std::sync::Arc::from(scope));
+                }
             }
         }
         let Some(sub) = self.subs.get_mut(scope) else {

@@ -133,6 +133,9 @@ struct Subscription {
     watches_presence: bool,
     /// This connection is in the scope's presence.
     present: bool,
+    /// Presence frames were let go while the subscription waited for its
+    /// re-check: once it passes, a fresh snapshot is owed.
+    presence_missed: bool,
 }
 
 pub async fn run<S>(

@@ -146,16 +146,23 @@ impl Session {
                     ..
                 } => bytes.clone(),
                 Signal::Frame { scope, kind, bytes } => {
-                    let Some(sub) = self.subs.get(scope.as_ref()) else {
+                    let Some(sub) = self.subs.get_mut(scope.as_ref()) else {
                         continue;
                     };
-                    if sub.recheck || (*kind == Kind::Presence && !sub.watches_presence) {
-                        if *kind == Kind::Broadcast {
-                            self.ctx
-                                .metrics
-                                .signals
-                                .broadcasts_dropped
-                                .fetch_add(1, Relaxed);
+                    if *kind == Kind::Presence && !sub.watches_presence {
+                        continue;
+                    }
+                    if sub.recheck {
+                        match kind {
+                            Kind::Broadcast => {
+                                self.ctx
+                                    .metrics
+                                    .signals
+                                    .broadcasts_dropped
+                                    .fetch_add(1, Relaxed);
+                            }
+                            // A snapshot follows the re-check, if it passes.
+                            _ => sub.presence_missed = true,
                         }
                         continue;
                     }

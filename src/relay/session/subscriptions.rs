@@ -101,6 +101,7 @@ impl Session {
                 read_size: ReadSize::new(),
                 watches_presence: watch_presence,
                 present,
+                presence_missed: false,
             },
         );
         out.text(protocol::subscribed_frame(&scope, state.latest()))
