@@ -8,7 +8,8 @@ use hyper::Response;
 use crate::http::response::Body;
 
 /// The demo chat page: a complete client in one file (history over HTTP,
-/// live events over the WebSocket, resume with since_seq).
+/// live events over the WebSocket, resume with since_seq; who is online
+/// and who is typing, with presence and broadcasts).
 pub fn page() -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from_static(include_bytes!("demo.html"))));
     response.headers_mut().insert(

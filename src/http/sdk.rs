@@ -47,6 +47,10 @@ pub const FILES: &[(&str, &str)] = &[
     ),
     ("outbox.js", include_str!("../../clients/js/src/outbox.js")),
     (
+        "presence.js",
+        include_str!("../../clients/js/src/presence.js"),
+    ),
+    (
         "subscription.js",
         include_str!("../../clients/js/src/subscription.js"),
     ),

@@ -15,6 +15,9 @@ import { TokenSource, expiresAt } from "./tokens.js";
 
 /** @typedef {"connecting" | "connected" | "disconnected" | "closed"} ConnectionState */
 
+/** The `ref` of errors about broadcasts and presence. */
+const SIGNAL_REFS = new Set(["broadcast", "presence", "presence_leave"]);
+
 /** Token refusals in a row (with no healthy connection between) after which the SDK stops. */
 const MAX_TOKEN_REFUSALS = 3;
 
@@ -92,15 +95,20 @@ export class Client extends Emitter {
 
   /**
    * The project's subscription, shared by every caller (one cursor per
-   * project). `cursor`: a stored `subscription.cursor` to resume from.
+   * project). `cursor`: a stored `subscription.cursor` to resume from;
+   * `presence: true` watches its presence from the first subscribe (the
+   * same as using `sub.presence`).
    * @param {string|number} project
-   * @param {{cursor?: unknown}} [options]
+   * @param {{cursor?: unknown, presence?: boolean}} [options]
    */
   subscribe(project, options = {}) {
     if (this.state === "closed") throw new PgRelayError("the client is closed");
     const id = String(project);
     const existing = this.subscriptions.get(id);
-    if (existing && !existing.ended) return existing;
+    if (existing && !existing.ended) {
+      if (options.presence) void existing.presence;
+      return existing;
+    }
     const sub = new Subscription(this, id, options);
     this.subscriptions.set(id, sub);
     this._send(sub._subscribeFrame());
@@ -264,6 +272,13 @@ export class Client extends Emitter {
         return sub?._onSubscribed(frame);
       case "reset":
         return sub?._onReset(frame);
+      case "broadcast":
+      case "broadcast_ack":
+      case "presence_state":
+      case "presence":
+      case "presence_joined":
+      case "presence_left":
+        return sub?._onSignal(frame);
       case "error":
         return this._onErrorFrame(frame, sub);
       case "authenticated":
@@ -278,6 +293,10 @@ export class Client extends Emitter {
     // A refused subscribe names its project: that subscription ends (or
     // retries), the others go on.
     if (sub && frame.ref === "subscribe") return sub._onError(frame);
+    // A refused broadcast or presence change: that subscription's error (or
+    // its acknowledged broadcast's); one of a subscription already ended is
+    // nobody's.
+    if (SIGNAL_REFS.has(frame.ref) && frame.project_id !== undefined) return sub?._onSignalError(frame);
     // An answer to an unsubscribe concerns a subscription already forgotten
     // (the SDK forgets before it unsubscribes), not a newer one of the project.
     if (frame.ref === "unsubscribe" && frame.project_id !== undefined) return;

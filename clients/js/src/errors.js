@@ -30,6 +30,22 @@ export class SubscriptionError extends PgRelayError {
   }
 }
 
+/**
+ * The relay refused a broadcast or a presence change (`too_large`,
+ * `rate_limited`, `not_subscribed`, `unavailable`, ...), or an acknowledged
+ * broadcast got no answer (`disconnected`, `timeout`): `action` is
+ * `broadcast`, `presence` or `presence_leave`; `id` the broadcast's.
+ */
+export class SignalError extends PgRelayError {
+  /** @param {string} message @param {{code?: string, project?: string, action?: string, id?: string|null}} opts */
+  constructor(message, opts) {
+    super(message, opts);
+    this.project = opts.project ?? null;
+    this.action = opts.action ?? null;
+    this.id = opts.id ?? null;
+  }
+}
+
 /** A `/v1` request failed. `status` is 0 for a network error. */
 export class ApiError extends PgRelayError {
   /**

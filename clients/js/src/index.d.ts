@@ -35,6 +35,36 @@ export interface ResetInfo {
   frame: object;
 }
 
+/** A broadcast of the project: `from` is the sender's user id (stamped by the relay), null when sent from SQL. */
+export interface BroadcastFrame<Payload = any> {
+  type: "broadcast";
+  project_id: string;
+  event: string;
+  from: string | null;
+  payload: Payload;
+}
+
+export interface BroadcastOptions {
+  /** Also deliver it to this connection (default false). */
+  self?: boolean;
+  /** Return a promise of the relay's acknowledgement (default false: fire and forget). */
+  ack?: boolean;
+  /** ms to wait for the acknowledgement (default 10,000). */
+  timeout?: number;
+}
+
+/** One connection of a present user, with the state it joined with. */
+export interface PresenceConnection<State = any> {
+  connection: string;
+  state: State;
+}
+
+export interface PresenceChange<State = any> {
+  user: string;
+  /** The user's connections now (empty on leave). */
+  connections: PresenceConnection<State>[];
+}
+
 /** Opaque and JSON-serialisable: store `subscription.cursor`, pass it back as `{cursor}`. */
 export type Cursor = object;
 
@@ -69,7 +99,7 @@ export class Client {
   readonly stats: { sockets: number; reconnects: number; lastClose: { code: number; reason: string } | null };
   connect(): void;
   close(): void;
-  subscribe(project: string | number, options?: { cursor?: Cursor | null }): Subscription;
+  subscribe(project: string | number, options?: { cursor?: Cursor | null; presence?: boolean }): Subscription;
   on(event: "state", fn: (state: ConnectionState) => void): Off;
   on(event: "error", fn: (error: PgRelayError) => void): Off;
   on(event: "reconnecting", fn: (info: { delay: number; attempt: number; code: number | null }) => void): Off;
@@ -84,13 +114,34 @@ export class Subscription {
   readonly cursor: Cursor | null;
   readonly ended: boolean;
   readonly stats: { delivered: number; duplicates: number; heldBack: number; gapsRefilled: number; resets: number };
+  readonly presence: Presence;
   ready(): Promise<void>;
   unsubscribe(): void;
+  broadcast(event: string, payload?: unknown, options?: BroadcastOptions & { ack?: false }): boolean;
+  broadcast(event: string, payload: unknown, options: BroadcastOptions & { ack: true }): Promise<void>;
   on(event: "event", fn: (event: EventFrame) => void): Off;
   on(event: "reset", fn: (info: ResetInfo) => void): Off;
   on(event: "subscribed", fn: (info: { seq: number }) => void): Off;
-  on(event: "error", fn: (error: SubscriptionError) => void): Off;
+  on(event: "broadcast", fn: (broadcast: BroadcastFrame) => void): Off;
+  on(event: "error", fn: (error: SubscriptionError | SignalError) => void): Off;
   on(event: "ended", fn: (error: SubscriptionError | null) => void): Off;
+  off(event: string, fn: Function): void;
+}
+
+export class Presence<State = any> {
+  readonly subscription: Subscription;
+  /** user id -> that user's connections (several tabs: several connections). */
+  readonly members: Map<string, PresenceConnection<State>[]>;
+  readonly truncated: boolean;
+  readonly connection: string | null;
+  readonly state: State | null;
+  readonly joined: boolean;
+  join(state?: State): void;
+  update(state: State): void;
+  leave(): void;
+  on(event: "join" | "update" | "leave", fn: (change: PresenceChange<State>) => void): Off;
+  on(event: "sync", fn: (info: { members: Map<string, PresenceConnection<State>[]>; truncated: boolean }) => void): Off;
+  on(event: "change", fn: (members: Map<string, PresenceConnection<State>[]>) => void): Off;
   off(event: string, fn: Function): void;
 }
 
@@ -209,6 +260,11 @@ export class AuthError extends PgRelayError {}
 export class ConnectionError extends PgRelayError {}
 export class SubscriptionError extends PgRelayError {
   project: string | null;
+}
+export class SignalError extends PgRelayError {
+  project: string | null;
+  action: string | null;
+  id: string | null;
 }
 export class ApiError extends PgRelayError {
   status: number;

@@ -1,6 +1,8 @@
 // pgrelay's client SDK. Every export in one place; the files behind it:
 //   connection.js   Client: the socket, its states, reconnects, tokens, pings
-//   subscription.js Subscription: one project's events, exactly once, in order
+//   subscription.js Subscription: one project's events, exactly once, in order;
+//                   its broadcasts
+//   presence.js     Presence: who is online in one project
 //   cursor.js       what a subscription's cursor holds (the one place)
 //   collection.js   Collection: history + live events of one resource, no race
 //   outbox.js       Outbox: writes that survive offline periods and reloads
@@ -12,12 +14,13 @@ import { Collection } from "./collection.js";
 
 export { Client } from "./connection.js";
 export { Subscription } from "./subscription.js";
+export { Presence } from "./presence.js";
 export { Collection } from "./collection.js";
 export { Outbox, unsent } from "./outbox.js";
 export { ChatApi } from "./api.js";
 export { invalidateOn } from "./invalidate.js";
 export { Close, ErrorCode, ResetReason, closeAction } from "./codes.js";
-export { PgRelayError, AuthError, ConnectionError, SubscriptionError, ApiError, isRetryableStatus } from "./errors.js";
+export { PgRelayError, AuthError, ConnectionError, SubscriptionError, SignalError, ApiError, isRetryableStatus } from "./errors.js";
 export { backoffDelay, DEFAULT_BACKOFF, SLOW_BACKOFF } from "./backoff.js";
 export { TokenSource, expiresAt } from "./tokens.js";
 

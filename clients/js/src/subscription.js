@@ -6,20 +6,28 @@
 import * as Cursor from "./cursor.js";
 import { Emitter } from "./emitter.js";
 import { ErrorCode } from "./codes.js";
-import { SubscriptionError } from "./errors.js";
+import { SignalError, SubscriptionError } from "./errors.js";
+import { Presence } from "./presence.js";
 
 /** Most frames held back ahead of a gap; past it they are dropped and re-read after the resubscribe. */
 const MAX_HELD = 10_000;
+/** How long an acknowledged broadcast waits for its `broadcast_ack` by default (ms). */
+const ACK_TIMEOUT = 10_000;
+/** Ids of acknowledged broadcasts: unique per page/process (a prefix of its own, then a counter). */
+const ackPrefix = Math.random().toString(36).slice(2, 10);
+let ackCount = 0;
 
 /**
  * Events: `event` (frame), `reset` ({reason, seq, frame}), `subscribed`
- * ({seq}), `error` (SubscriptionError), `ended` (SubscriptionError|null).
+ * ({seq}), `broadcast` (frame), `error` (SubscriptionError, or SignalError
+ * for a refused broadcast or presence change), `ended`
+ * (SubscriptionError|null).
  */
 export class Subscription extends Emitter {
   /**
    * @param {import("./connection.js").Client} client
    * @param {string} project
-   * @param {{cursor?: unknown}} [options]  `cursor`: a stored `subscription.cursor` to resume from
+   * @param {{cursor?: unknown, presence?: boolean}} [options]  `cursor`: a stored `subscription.cursor` to resume from; `presence`: watch the project's presence from the first subscribe
    */
   constructor(client, project, options = {}) {
     super();
@@ -41,6 +49,55 @@ export class Subscription extends Emitter {
     });
     this._ready.catch(() => {}); // an ended subscription nobody waited for is not an unhandled rejection
     if (this._cursor) this._resolveReady();
+    /** @type {Presence|null} created by `presence` (or the option) */
+    this._presence = options.presence ? new Presence(this) : null;
+    /** A subscribe frame asking for presence was made (the relay watches it from its answer on). */
+    this._presenceAsked = false;
+    /** @type {Map<string, {resolve: () => void, reject: (e: Error) => void, timer: any}>} acknowledged broadcasts in flight */
+    this._acks = new Map();
+  }
+
+  /**
+   * The project's presence: who is online, this connection's place in it.
+   * The first use makes the subscription watch it (a resubscribe from the
+   * cursor when it was subscribed without).
+   * @returns {Presence}
+   */
+  get presence() {
+    if (!this._presence) {
+      this._presence = new Presence(this);
+      if (this.ended) return this._presence;
+      if (this.state === "subscribed") this.client._resubscribe(this);
+      // Pending: the first `subscribed` (from a frame without presence) resubscribes.
+    }
+    return this._presence;
+  }
+
+  /**
+   * Sends `{event, payload}` to every other subscriber of the project (and
+   * to this one with `self`). At most once, never stored. Without `ack`
+   * returns whether it was sent (the relay's refusals come as `error`
+   * events); with `ack` returns a promise that the relay took it, rejected
+   * with a SignalError when refused, when the connection drops first, or
+   * after `timeout` ms.
+   * @param {string} event
+   * @param {unknown} [payload]
+   * @param {{self?: boolean, ack?: boolean, timeout?: number}} [options]
+   */
+  broadcast(event, payload = null, options = {}) {
+    const frame = { action: "broadcast", project_id: this.project, event: String(event), payload: payload === undefined ? null : payload };
+    if (options.self) frame.self = true;
+    if (!options.ack) return !this.ended && this.client._send(frame);
+    const id = `${ackPrefix}-${++ackCount}`;
+    frame.id = id;
+    const fail = (code, message) => Promise.reject(new SignalError(`${this.project}: broadcast ${frame.event}: ${message}`, { code, project: this.project, action: "broadcast", id }));
+    if (this.ended) return fail("ended", "the subscription has ended");
+    if (!this.client._send(frame)) return fail("disconnected", "not connected");
+    return new Promise((resolve, reject) => {
+      const timeout = options.timeout ?? ACK_TIMEOUT;
+      const timer = setTimeout(() => this._settleAck(id, "timeout", `no acknowledgement within ${timeout} ms`), timeout);
+      this._acks.set(id, { resolve, reject, timer, event: frame.event });
+    });
   }
 
   /** The cursor to store for a later resume (JSON-serialisable), or null before the first `subscribed`. */
@@ -70,13 +127,61 @@ export class Subscription extends Emitter {
 
   /** The `subscribe` frame that resumes from the cursor. */
   _subscribeFrame() {
-    return { action: "subscribe", project_id: this.project, ...Cursor.subscribeFields(this._cursor) };
+    const frame = { action: "subscribe", project_id: this.project, ...Cursor.subscribeFields(this._cursor) };
+    if (this._presence) {
+      frame.presence = true;
+      this._presenceAsked = true;
+    }
+    return frame;
   }
 
   _onDisconnect() {
     if (this.ended) return;
     this.state = "pending";
     this._refilling = false;
+    this._presence?._onDisconnect();
+    // The relay may or may not have taken them: at most once.
+    for (const id of [...this._acks.keys()]) this._settleAck(id, "disconnected", "the connection dropped before the acknowledgement");
+  }
+
+  /**
+   * Settles the acknowledged broadcast `id`: resolved without `code`,
+   * rejected with it. False when no such broadcast waits.
+   */
+  _settleAck(id, code, message) {
+    const pending = this._acks.get(id);
+    if (!pending) return false;
+    this._acks.delete(id);
+    clearTimeout(pending.timer);
+    if (code === undefined) pending.resolve();
+    else pending.reject(new SignalError(`${this.project}: broadcast ${pending.event}: ${message}`, { code, project: this.project, action: "broadcast", id }));
+    return true;
+  }
+
+  /** `broadcast`, `broadcast_ack`, and the presence frames of this project. */
+  _onSignal(frame) {
+    if (this.ended) return;
+    switch (frame.type) {
+      case "broadcast":
+        return this.emit("broadcast", frame);
+      case "broadcast_ack":
+        return void this._settleAck(String(frame.id));
+      default:
+        return this._presence?._onFrame(frame);
+    }
+  }
+
+  /** An `error` frame about a broadcast or presence request of this project: the subscription goes on. */
+  _onSignalError(frame) {
+    if (this.ended) return;
+    const action = String(frame.ref);
+    const message = frame.message ?? frame.code;
+    if (action === "broadcast" && frame.id !== undefined && this._settleAck(String(frame.id), frame.code, message)) return;
+    if (action !== "broadcast") this._presence?._onRefused(frame.code, action);
+    this.emit(
+      "error",
+      new SignalError(`${this.project}: ${action}: ${message}`, { code: frame.code, project: this.project, action, id: frame.id ?? null }),
+    );
   }
 
   _onSubscribed(frame) {
@@ -88,6 +193,9 @@ export class Subscription extends Emitter {
     this.emit("subscribed", { seq: frame.seq });
     if (first) this._resolveReady();
     this._drain();
+    // Presence asked for after a subscribe without it: again, from the cursor, with it.
+    if (this._presence && !this._presenceAsked) this.client._resubscribe(this);
+    this._presence?._onSubscribed();
   }
 
   _onEvent(frame) {
@@ -178,6 +286,8 @@ export class Subscription extends Emitter {
     if (this.ended) return;
     this.state = "ended";
     this._held.clear();
+    for (const id of [...this._acks.keys()]) this._settleAck(id, "ended", "the subscription ended before the acknowledgement");
+    this._presence?._end();
     this._rejectReady(err ?? new SubscriptionError(`${this.project}: unsubscribed`, { code: "unsubscribed", project: this.project }));
     this.emit("ended", err);
   }

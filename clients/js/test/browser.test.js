@@ -258,3 +258,46 @@ test("edits and deletes reach the other page; a version conflict is shown", asyn
   await alice.page.evaluate(() => (document.getElementById("log").scrollTop = 1e9));
   await alice.page.screenshot({ path: new URL("demo.png", out).pathname });
 });
+
+/** The users a page shows online, and its "… is typing" line. */
+const online = (who) => who.page.evaluate(() => document.getElementById("online").textContent);
+const typingLine = (who) => who.page.evaluate(() => document.getElementById("typing").textContent);
+
+test("who is online and \"… is typing\"; a closed page leaves", async () => {
+  // Both pages show both users online (each page joined the presence).
+  for (const who of [alice, bob]) {
+    await until(async () => (await online(who)) === "alice, bob", `${who.user}'s page to show alice and bob online`);
+  }
+  assert.equal(await typingLine(alice), "");
+  // Bob types for ~6 s: alice's page shows it all along, from typing
+  // broadcasts sent at most once every 2 s.
+  const heardBefore = await alice.page.evaluate(() => window.demo.typingHeard);
+  const started = Date.now();
+  let shownAt = null;
+  let gaps = 0;
+  await bob.page.focus("#text");
+  while (Date.now() - started < 6_000) {
+    await bob.page.keyboard.type("x");
+    const line = await typingLine(alice);
+    if (line === "bob is typing…") shownAt ??= Date.now();
+    else if (shownAt !== null) gaps++;
+    await sleep(250);
+  }
+  const typedFor = Date.now() - started;
+  const heard = (await alice.page.evaluate(() => window.demo.typingHeard)) - heardBefore;
+  assert.ok(shownAt !== null, "alice's page never showed \"bob is typing…\"");
+  assert.equal(gaps, 0, "the typing line went away while bob kept typing");
+  assert.ok(heard >= 2, `one typing broadcast heard in ${typedFor} ms of typing: not kept alive`);
+  assert.ok(heard <= Math.floor(typedFor / 2_000) + 1, `${heard} typing broadcasts in ${typedFor} ms: not throttled to one per 2 s`);
+  assert.equal(await typingLine(bob), "", "bob's own typing is not shown to him");
+  await alice.page.screenshot({ path: new URL("demo.png", out).pathname });
+  // Silence: the line clears after a few seconds (bounded here, generously).
+  const stopped = Date.now();
+  await until(async () => (await typingLine(alice)) === "", "the typing line to clear after bob stopped", 15_000);
+  const clearedAfter = Date.now() - stopped;
+  // Bob's page closes: its socket closes and he leaves alice's list at once (bounded generously).
+  await bob.page.close();
+  const closed = Date.now();
+  await until(async () => (await online(alice)) === "alice", "bob to leave alice's online list", 15_000);
+  results.presenceAndTyping = { typedForMs: typedFor, typingBroadcastsHeard: heard, clearedAfterMs: clearedAfter, leftAfterMs: Date.now() - closed };
+});

@@ -377,3 +377,121 @@ test("outbox: 403 and 409 are not retried, and later items still go, in order", 
   outbox.stop();
   await relay.stop();
 });
+
+/** Connected clients of `users`, each subscribed to `p` (with `options`), once subscribed. */
+async function subscribers(relay, users, options = {}) {
+  const out = [];
+  for (const user of users) {
+    const client = track(new Client({ url: relay.ws, token: () => token(user), ...quick }));
+    out.push({ user, client, sub: client.subscribe("p", options) });
+  }
+  await until(() => out.every((x) => x.sub.state === "subscribed"), "every client subscribed");
+  return out;
+}
+
+/** Records the broadcasts a subscription receives. */
+function heard(sub) {
+  const got = [];
+  sub.on("broadcast", (b) => got.push(b));
+  return got;
+}
+
+test("broadcast: to the others, to oneself, acknowledged, refused with its id, from SQL", async () => {
+  const { db, relay } = await setup();
+  const [alice, bob] = await subscribers(relay, ["alice", "bob"]);
+  const toAlice = heard(alice.sub);
+  const toBob = heard(bob.sub);
+  const aliceErrors = [];
+  alice.sub.on("error", (e) => aliceErrors.push(e));
+
+  // Fire and forget: bob hears it, stamped with alice's id; alice does not.
+  assert.equal(alice.sub.broadcast("typing", { draft: "he" }), true);
+  await until(() => toBob.length === 1, "bob to hear alice's typing");
+  assert.deepEqual(toBob[0], { type: "broadcast", project_id: "p", event: "typing", from: "alice", payload: { draft: "he" } });
+
+  // Acknowledged and to oneself too: the promise resolves, both hear it.
+  await alice.sub.broadcast("cursor", [1, 2], { self: true, ack: true });
+  await until(() => toAlice.length === 1 && toBob.length === 2, "both to hear the self broadcast");
+  assert.deepEqual([toAlice[0].event, toAlice[0].from, toAlice[0].payload], ["cursor", "alice", [1, 2]]);
+  assert.equal(toBob[1].event, "cursor");
+
+  // Over the payload limit, acknowledged: rejected with the relay's code and the broadcast's id; no one hears it.
+  const big = "x".repeat(7_000);
+  const refused = await alice.sub.broadcast("big", big, { ack: true }).then(() => null, (e) => e);
+  assert.equal(refused?.name, "SignalError", `got ${refused}`);
+  assert.equal(refused.code, "too_large");
+  assert.equal(refused.action, "broadcast");
+  assert.equal(refused.project, "p");
+  assert.match(refused.id, /\S/);
+  assert.equal(refused.fatal, false);
+  // The same without ack: an error event on the subscription, which goes on.
+  assert.equal(alice.sub.broadcast("big", big), true);
+  await until(() => aliceErrors.length === 1, "the refusal as an error event");
+  assert.deepEqual([aliceErrors[0].name, aliceErrors[0].code, aliceErrors[0].id], ["SignalError", "too_large", null]);
+  assert.equal(alice.sub.state, "subscribed");
+
+  // From SQL: `from` is null, everyone subscribed hears it.
+  await pg.psql(db, `SELECT relay.broadcast('p', 'ring', '{"call": 7}'::jsonb)`);
+  await until(() => toAlice.length === 2 && toBob.length === 3, "the SQL broadcast");
+  assert.deepEqual([toBob[2].event, toBob[2].from, toBob[2].payload], ["ring", null, { call: 7 }]);
+  // Nothing else arrived: alice never heard her own non-self broadcasts, no one heard the refused ones.
+  await sleep(300);
+  assert.deepEqual(toAlice.map((b) => b.event), ["cursor", "ring"]);
+  assert.deepEqual(toBob.map((b) => b.event), ["typing", "cursor", "ring"]);
+  // The acknowledged broadcast of a closed connection is rejected, not left pending.
+  const pending = alice.sub.broadcast("late", null, { ack: true });
+  alice.client.close();
+  await assert.rejects(pending, (e) => e.name === "SignalError" && ["disconnected", "ended"].includes(e.code));
+  await assert.rejects(alice.sub.broadcast("after", null, { ack: true }), (e) => e.code === "ended");
+  assert.equal(alice.sub.broadcast("after"), false);
+  results.broadcast = { bob: toBob.map((b) => `${b.event}:${b.from}`), alice: toAlice.map((b) => b.event), refused: refused.code };
+});
+
+test("presence: two tabs of one user join, update and leave; joined again after the relay is killed and restarts", async () => {
+  const { db, relay } = await setup();
+  const [tab1, tab2, bob] = await subscribers(relay, ["alice", "alice", "bob"], { presence: true });
+  const seen = [];
+  for (const e of ["join", "update", "leave"]) bob.sub.presence.on(e, (c) => c.user === "alice" && seen.push([e, c.connections.map((x) => x.state.tab).sort().join()]));
+  const aliceOnBob = () => (bob.sub.presence.members.get("alice") ?? []).map((c) => JSON.stringify(c.state)).sort().join(" ");
+
+  bob.sub.presence.join({ name: "Bob" });
+  tab1.sub.presence.join({ tab: 1 });
+  await until(() => aliceOnBob() === `{"tab":1}`, "alice's first tab on bob's list");
+  tab2.sub.presence.join({ tab: 2 });
+  await until(() => aliceOnBob() === `{"tab":1} {"tab":2}`, "both of alice's tabs");
+  tab1.sub.presence.update({ tab: 1, typing: true });
+  await until(() => aliceOnBob() === `{"tab":1,"typing":true} {"tab":2}`, "tab 1's new state");
+  // Every page sees the same: one user alice with two connections, bob with one.
+  await until(() => tab2.sub.presence.members.get("alice")?.length === 2 && tab2.sub.presence.members.get("bob")?.length === 1, "tab 2's list");
+  await until(() => tab1.sub.presence.connection !== null, "tab 1's connection key");
+  assert.ok(tab1.sub.presence.members.get("alice").some((c) => c.connection === tab1.sub.presence.connection), "tab 1 finds itself by its key");
+  tab1.sub.presence.leave();
+  await until(() => aliceOnBob() === `{"tab":2}`, "tab 1 gone, alice still online");
+  assert.ok(bob.sub.presence.members.has("alice"));
+  tab2.client.close(); // the last tab: alice leaves
+  await until(() => !bob.sub.presence.members.has("alice"), "alice to leave");
+  assert.deepEqual(seen, [["join", "1"], ["update", "1,2"], ["update", "1,2"], ["update", "2"], ["leave", ""]]);
+  assert.equal(tab1.sub.state, "subscribed", "leaving the presence kept the subscription");
+
+  // A relay killed and restarted (same address): both clients reconnect, and the
+  // SDK joins each again with its last state; no ghost of the killed relay stays.
+  tab1.sub.presence.join({ tab: 1, status: "here" });
+  tab1.sub.presence.update({ tab: 1, status: "away" });
+  await until(() => aliceOnBob() === `{"status":"away","tab":1}` || aliceOnBob() === `{"tab":1,"status":"away"}`, "alice's last state");
+  const syncs = { alice: 0, bob: 0 };
+  tab1.sub.presence.on("sync", () => syncs.alice++);
+  bob.sub.presence.on("sync", () => syncs.bob++);
+  const sockets = [tab1.client.stats.sockets, bob.client.stats.sockets];
+  await relay.stop("SIGKILL");
+  await relay.boot();
+  await until(() => tab1.client.stats.sockets > sockets[0] && bob.client.stats.sockets > sockets[1] && syncs.alice > 0 && syncs.bob > 0, "both to resubscribe and get a snapshot");
+  const rows = () => pg.psql(db, "SELECT user_id || ' ' || state::text FROM relay.presence WHERE scope = 'p' ORDER BY user_id");
+  const expectedRows = [`alice {"tab": 1, "status": "away"}`, `bob {"name": "Bob"}`];
+  await until(async () => (await rows()).join() === expectedRows.join(), "relay.presence to hold the two live connections, with their last states", 20_000);
+  await until(() => aliceOnBob() !== "" && bob.sub.presence.members.get("bob")?.length === 1 && tab1.sub.presence.members.get("bob")?.length === 1, "both present again on both lists");
+  assert.deepEqual(JSON.parse(aliceOnBob()), { tab: 1, status: "away" });
+  assert.equal(bob.sub.presence.members.get("alice").length, 1, "one connection of alice: no ghost of the killed relay");
+  assert.deepEqual([...bob.sub.presence.members.keys()].sort(), ["alice", "bob"]);
+  assert.deepEqual([...tab1.sub.presence.members.keys()].sort(), ["alice", "bob"]);
+  results.presence = { aliceOnBob: seen, afterRestart: await rows(), sockets: [tab1.client.stats.sockets, bob.client.stats.sockets] };
+});

@@ -98,6 +98,81 @@ test("forbidden ends the subscription with a SubscriptionError; unavailable asks
   assert.equal(errors[1].fatal, true);
 });
 
+/** A subscription whose stand-in client records the frames it sends (a socket that is always open). */
+function signalling(options) {
+  const client = { sent: [], _send(f) { this.sent.push(f); return true; }, _resubscribe(s) { this.sent.push(s._subscribeFrame()); }, _forget() {}, _resubscribeLater() {} };
+  const sub = new Subscription(client, "p", options);
+  return { sub, client };
+}
+
+test("presence: a snapshot replaces, diffs replace one user, and the state is sent again after a reconnect", () => {
+  const { sub, client } = signalling({ presence: true });
+  assert.equal(sub._subscribeFrame().presence, true);
+  const seen = [];
+  for (const e of ["join", "update", "leave", "sync"]) sub.presence.on(e, (x) => seen.push([e, x.user ?? [...x.members.keys()].join()]));
+  sub.presence.join({ typing: false });
+  assert.deepEqual(client.sent.filter((f) => f.action === "presence"), [], "not before the subscription holds");
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 0 });
+  assert.deepEqual(client.sent.at(-1), { action: "presence", project_id: "p", state: { typing: false } });
+  const c = (k, state = {}) => ({ connection: k, state });
+  sub._onSignal({ type: "presence_state", project_id: "p", members: [{ user_id: "ann", connections: [c("1")] }], truncated: false });
+  sub._onSignal({ type: "presence", project_id: "p", event: "join", user_id: "bob", connections: [c("2")] });
+  sub._onSignal({ type: "presence", project_id: "p", event: "update", user_id: "bob", connections: [c("2"), c("3")] });
+  sub._onSignal({ type: "presence", project_id: "p", event: "leave", user_id: "ann", connections: [] });
+  sub._onSignal({ type: "presence_joined", project_id: "p", connection: "3" });
+  assert.deepEqual([...sub.presence.members.keys()], ["bob"]);
+  assert.equal(sub.presence.members.get("bob").length, 2);
+  assert.equal(sub.presence.connection, "3");
+  assert.deepEqual(seen, [["sync", "ann"], ["join", "bob"], ["update", "bob"], ["leave", "ann"]]);
+  sub.presence.update({ typing: true });
+  // Reconnect: joined again with the last state, once subscribed.
+  sub._onDisconnect();
+  assert.equal(sub.presence.connection, null);
+  const before = client.sent.length;
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 0 });
+  assert.deepEqual(client.sent.slice(before), [{ action: "presence", project_id: "p", state: { typing: true } }]);
+  sub.presence.leave();
+  assert.deepEqual(client.sent.at(-1), { action: "presence_leave", project_id: "p" });
+  sub._onDisconnect();
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 0 });
+  assert.deepEqual(client.sent.at(-1), { action: "presence_leave", project_id: "p" }, "not joined again after a leave");
+});
+
+test("presence asked for after subscribing without it: one resubscribe from the cursor, with presence", () => {
+  const { sub, client } = signalling({});
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 5 });
+  assert.deepEqual(client.sent, []);
+  void sub.presence;
+  assert.deepEqual(client.sent, [{ action: "subscribe", project_id: "p", since_seq: 5, presence: true }]);
+  void sub.presence;
+  assert.equal(client.sent.length, 1);
+});
+
+test("acknowledged broadcasts settle: ack, an error naming the id, a disconnect, a timeout", async () => {
+  const { sub, client } = signalling({});
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 0 });
+  const acked = sub.broadcast("e", { a: 1 }, { ack: true, self: true });
+  const frame = client.sent.at(-1);
+  assert.deepEqual({ ...frame, id: "x" }, { action: "broadcast", project_id: "p", event: "e", payload: { a: 1 }, self: true, id: "x" });
+  sub._onSignal({ type: "broadcast_ack", project_id: "p", id: frame.id });
+  await acked;
+  const refused = sub.broadcast("e", "x".repeat(10), { ack: true });
+  sub._onSignalError({ type: "error", code: "too_large", message: "big", ref: "broadcast", project_id: "p", id: client.sent.at(-1).id });
+  await assert.rejects(refused, (e) => e.name === "SignalError" && e.code === "too_large" && e.id === client.sent.at(-1).id);
+  const dropped = sub.broadcast("e", null, { ack: true });
+  sub._onDisconnect();
+  await assert.rejects(dropped, (e) => e.code === "disconnected");
+  const late = sub.broadcast("e", null, { ack: true, timeout: 20 });
+  await assert.rejects(late, (e) => e.code === "timeout");
+  // Without ack: errors are events.
+  const errors = [];
+  sub.on("error", (e) => errors.push(e));
+  assert.equal(sub.broadcast("e"), true);
+  sub._onSignalError({ type: "error", code: "rate_limited", message: "slow down", ref: "broadcast", project_id: "p" });
+  assert.deepEqual(errors.map((e) => [e.name, e.code, e.action, e.fatal]), [["SignalError", "rate_limited", "broadcast", false]]);
+  assert.equal(sub.ended, false);
+});
+
 /** A collection over a stand-in subscription (an emitter with a cursor). */
 function coll(load) {
   const sub = new Emitter();
