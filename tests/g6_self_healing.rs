@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,11 +21,13 @@ use common::*;
 
 /// Inserts `n` messages into `project`, one per transaction, retrying any
 /// that fail because the database is away. Returns how many committed.
+/// While `hold` is set, the writer waits (after the insert in flight).
 async fn write_through_outages(
     url: String,
     project: &'static str,
     n: usize,
     pause: Duration,
+    hold: Arc<AtomicBool>,
 ) -> usize {
     let mut committed = 0;
     let mut client: Option<tokio_postgres::Client> = None;
@@ -35,6 +37,10 @@ async fn write_through_outages(
             tokio::time::Instant::now() < deadline,
             "writer could not finish"
         );
+        if hold.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
                 Ok((c, conn)) => {
@@ -132,6 +138,30 @@ async fn counter(relay: &pgrelay::server::RelayHandle, name: &str) -> u64 {
     metric(relay.addr, name).await as u64
 }
 
+/// Waits until the counter `name` reaches `at_least` (it may lag the
+/// delivery it counts: a subscriber may read the log itself while the hub
+/// is not trusted, before the hub's own read counts), or panics after 5 s.
+/// Returns its value.
+async fn counted(
+    relay: &pgrelay::server::RelayHandle,
+    name: &str,
+    at_least: u64,
+    what: &str,
+) -> u64 {
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let n = counter(relay, name).await;
+        if n >= at_least {
+            return n;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{what}: {name} is {n}, expected at least {at_least}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// With LISTEN healed, `n` new events reach both subscribers within
 /// [`AFTER_HEALING`], announced by notices: no resync finds any of them.
 async fn delivered_by_notices_after_healing(
@@ -159,10 +189,13 @@ async fn delivered_by_notices_after_healing(
         gaps,
         "after healing, events are announced by notices, not found by a resync"
     );
-    assert!(
-        counter(relay, "pgrelay_notices_received_total").await >= notices + 20,
-        "the healed LISTEN connection received the 20 notices"
-    );
+    counted(
+        relay,
+        "pgrelay_notices_received_total",
+        notices + 20,
+        "the healed LISTEN connection received the 20 notices",
+    )
+    .await;
     last
 }
 
@@ -183,16 +216,25 @@ async fn killing_the_listen_backend_loses_nothing() {
     bob.subscribe("k", None).await;
     let (mut a, mut b) = (Vec::new(), Vec::new());
 
+    let hold = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_through_outages(
         db.url.clone(),
         "k",
         600,
         Duration::from_millis(2),
+        hold.clone(),
     ));
     let rounds = 3;
     for round in 1..=rounds {
         tokio::time::sleep(Duration::from_millis(250)).await;
         wait_healthz_listening(relay.addr, RELISTEN).await;
+        // Everything announced so far is delivered before the kill, so no
+        // read for a notice is pending that could take the events committed
+        // after it along (and count them as announced).
+        hold.store(true, Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let before_kill = latest_seq(&db.url, "k").await;
+        read_to(&mut ann, "k", &mut a, before_kill).await;
         let gaps = counter(&relay, "pgrelay_gaps_filled_total").await;
         // The LISTEN connection cannot come back until the test says so.
         proxy.refuse_new();
@@ -207,8 +249,10 @@ async fn killing_the_listen_backend_loses_nothing() {
             .get(0);
         assert_eq!(killed, 1, "round {round}: the one LISTEN backend, killed");
         wait_healthz_not_listening(relay.addr, Duration::from_secs(10)).await;
+        hold.store(false, Relaxed);
         // Committed while no LISTEN connection exists: no notice announces
-        // them, so only the polling fallback can deliver them now.
+        // them, so only reads of the log can deliver them now, and the
+        // polling fallback's count them.
         insert(&c, "k", 5).await;
         let mark = latest_seq(&db.url, "k").await;
         read_to(&mut ann, "k", &mut a, mark).await;
@@ -218,11 +262,13 @@ async fn killing_the_listen_backend_loses_nothing() {
             (503, &serde_json::Value::Bool(false)),
             "round {round}: delivered while LISTEN was still down: {health}"
         );
-        let found = counter(&relay, "pgrelay_gaps_filled_total").await - gaps;
-        assert!(
-            found >= 5,
-            "round {round}: the 5 unannounced events were found by resync reads, counted {found}"
-        );
+        counted(
+            &relay,
+            "pgrelay_gaps_filled_total",
+            gaps + 5,
+            &format!("round {round}: the 5 unannounced events were found by resync reads"),
+        )
+        .await;
         proxy.heal();
         wait_healthz_listening(relay.addr, RELISTEN).await;
         assert_eq!(
@@ -273,13 +319,23 @@ async fn restarting_postgres_loses_nothing() {
     bob.subscribe("r", None).await;
     let (mut a, mut b) = (Vec::new(), Vec::new());
 
+    let hold = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_through_outages(
         db.url.clone(),
         "r",
         400,
         Duration::from_millis(3),
+        hold.clone(),
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // Everything announced so far is delivered before the stop: a read for a
+    // notice that the stop interrupts is retried as a notice read, and would
+    // take the events committed after the restart with it, uncounted. The
+    // writer goes on once Postgres is down, retrying until it is back.
+    hold.store(true, Relaxed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before_stop = latest_seq(&db.url, "r").await;
+    read_to(&mut ann, "r", &mut a, before_stop).await;
     let gaps = counter(&relay, "pgrelay_gaps_filled_total").await;
     // After the restart, LISTEN stays away until the test says so.
     proxy.refuse_new();
@@ -287,6 +343,7 @@ async fn restarting_postgres_loses_nothing() {
     tokio::task::spawn_blocking(move || s.pg.stop().expect("stopping postgres"))
         .await
         .expect("stop");
+    hold.store(false, Relaxed);
     // While the database is away, /healthz says so.
     let mut down = String::new();
     for _ in 0..100 {
@@ -317,11 +374,13 @@ async fn restarting_postgres_loses_nothing() {
         (503, &serde_json::Value::Bool(false)),
         "delivered while LISTEN was still down: {health}"
     );
-    let found = counter(&relay, "pgrelay_gaps_filled_total").await - gaps;
-    assert!(
-        found >= 5,
-        "the events committed after the restart were found by resync reads, counted {found}"
-    );
+    counted(
+        &relay,
+        "pgrelay_gaps_filled_total",
+        gaps + 5,
+        "the events committed after the restart were found by resync reads",
+    )
+    .await;
     proxy.heal();
     let relisten = wait_healthz_listening(relay.addr, RELISTEN).await;
     assert_eq!(
