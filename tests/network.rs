@@ -498,3 +498,42 @@ async fn a_100_ms_latency_each_way_delivers_everything_in_order() {
     );
     relay.shutdown().await;
 }
+
+/// A scheduled re-check whose query meets a half-open partition is a
+/// database failure, not the app's rule failing: the subscription stays
+/// and delivery resumes. (The pool once took the rule's timeout for the
+/// rule's fault whatever the network did, and ended the subscription with
+/// `authorize_failed`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_during_a_scheduled_recheck_keeps_the_subscription() {
+    use pgrelay::metrics::RecheckCause;
+    let (db, c, proxy) = setup("rchk").await;
+    let mut config = relay_config(&proxy.url(&db.url));
+    config.resync_interval = Duration::from_secs(600);
+    config.reauthorize_interval = Some(Duration::from_millis(500));
+    let relay = start_relay(config).await;
+    let (ann, start) = Recorder::start(relay.addr, "ann", "rchk").await;
+    let rechecks = || relay.metrics.reauthorizations[RecheckCause::Schedule as usize].load(Relaxed);
+    let t0 = Instant::now();
+    while rechecks() == 0 {
+        assert!(t0.elapsed() < BOUND, "no scheduled re-check ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The pooled connections go silent: the next re-checks meet them.
+    proxy.freeze_existing();
+    let before = rechecks();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        rechecks() > before,
+        "re-checks were due during the partition"
+    );
+    proxy.heal();
+    let end = delivers_after_healing(&relay, &c, "rchk", &[&ann]).await;
+    ann.assert_exactly(start + 1, end, "ann").await;
+    assert_eq!(relay.metrics.authorize_failures.load(Relaxed), 0);
+    assert!(
+        relay.pool_health().timeouts.load(Relaxed) > 0,
+        "the partition was met and noticed"
+    );
+    relay.shutdown().await;
+}
