@@ -282,18 +282,27 @@ async fn too_many_requests_get_429() {
     let c = db.client().await;
     seed_project(&c, "p", &["ann"]).await;
     let mut config = relay_config(&db.url);
-    config.api_requests_per_second = 2; // burst of 4
+    // A burst of 2, then one request a second: 8 requests in well under a
+    // second are 2 answered and 6 refused, in that order.
+    config.api_requests_per_second = 1;
     let relay = start_relay(config).await;
     let mut statuses = Vec::new();
+    let mut refusal = serde_json::Value::Null;
+    let t0 = std::time::Instant::now();
     for _ in 0..8 {
-        statuses.push(
-            http_json(relay.addr, "GET", "/v1/projects", Some("ann"), None)
-                .await
-                .0,
-        );
+        let (status, body) = http_json(relay.addr, "GET", "/v1/projects", Some("ann"), None).await;
+        if status == 429 {
+            refusal = body;
+        }
+        statuses.push(status);
     }
-    assert!(statuses.contains(&429), "{statuses:?}");
-    assert_eq!(statuses[0], 200);
+    let took = t0.elapsed();
+    assert_eq!(
+        statuses,
+        [200, 200, 429, 429, 429, 429, 429, 429],
+        "a burst of 2, the rest refused (8 requests in {took:?}; a token comes back each second)"
+    );
+    assert_eq!(refusal["error"]["code"], "rate_limited", "{refusal}");
     // Another user has a budget of their own.
     assert_eq!(
         http_json(relay.addr, "GET", "/v1/projects", Some("bob"), None)

@@ -15,6 +15,12 @@ use std::time::Duration;
 use common::*;
 use pgbouncer::PgBouncer;
 
+/// The most an event may take from commit to client where delivery must
+/// be prompt, in milliseconds: generous (a few ms is typical), and far
+/// below what anything but a notice could achieve with the periodic resync
+/// set to minutes.
+const PROMPTLY_MS: f64 = 1000.0;
+
 /// Milliseconds from each event's capture to its arrival, for `n` events of
 /// `project` after `after`; panics on a gap, a duplicate or a reset.
 async fn delays(ws: &mut WsClient, project: &str, after: u64, n: u64) -> Vec<f64> {
@@ -135,6 +141,9 @@ async fn a_transaction_pooler_in_front_of_the_pool_delivers_promptly() {
     let mut direct = relay_config(&bouncer.url(&db.name, "tx"));
     direct.transaction_pooler = true;
     direct.listen_database_url = Some(db.url.clone());
+    // Only notices can deliver promptly: the safety-net resync is far away,
+    // and a listening relay does not poll.
+    direct.resync_interval = Duration::from_secs(600);
     let mut session = direct.clone();
     session.listen_database_url = Some(bouncer.url(&db.name, "session"));
     let r1 = start_relay(direct).await;
@@ -152,6 +161,15 @@ async fn a_transaction_pooler_in_front_of_the_pool_delivers_promptly() {
         delays(&mut bob, "txp", start, 100)
     );
     writer.await.expect("writer");
+    // Promptly: each event within a second of its commit (a few ms is
+    // typical).
+    for (who, delays) in [("LISTEN direct", &a), ("LISTEN through session mode", &b)] {
+        let max = delays.iter().copied().fold(0.0, f64::max);
+        assert!(
+            max < PROMPTLY_MS,
+            "{who}: an event took {max:.1} ms from commit to client (bound {PROMPTLY_MS} ms)"
+        );
+    }
     for relay in [&r1, &r2] {
         assert!(relay.is_listening());
         assert!(http_get(relay.addr, "/healthz")

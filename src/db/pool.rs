@@ -186,8 +186,13 @@ impl BoundedPool {
     /// Runs one statement whose own work may be slow (the app's
     /// authorization rule): past `timeout` it is cancelled on the server
     /// and its connection closed, and the answer is `None`. That is the
-    /// statement's fault, not the network's: the pool stays healthy. The
-    /// network's deadline (`query_timeout`) still bounds the whole call.
+    /// statement's fault, not the network's: the pool stays healthy. Only a
+    /// connection that answers the cancel proves it: one that answers
+    /// nothing within the network's deadline (`query_timeout`, which bounds
+    /// the whole call) is a network fault, and fails like [`query`]
+    /// (a half-open partition must not look like a slow rule).
+    ///
+    /// [`query`]: Self::query
     pub async fn query_or_cancel(
         &self,
         sql: &str,
@@ -206,34 +211,43 @@ impl BoundedPool {
             }
             Err(_) => return Err(DbError::Timeout(self.inner.query_timeout)),
         };
-        let run = self.run(&client, sql, params);
-        match tokio::time::timeout(timeout, run).await {
-            Ok(Ok(rows)) => {
+        let mut run = Box::pin(self.run(&client, sql, params));
+        let answer = match tokio::time::timeout(timeout, &mut run).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // Slow, or its answer lost on the way. Cancel it, and wait
+                // for this very connection to say so.
+                let cancel = client.cancel_token();
+                let cancelled = async {
+                    if let Err(e) = cancel.cancel_query(tokio_postgres::NoTls).await {
+                        tracing::debug!(error = %e, "cancelling a slow statement failed");
+                    }
+                    (&mut run).await
+                };
+                match tokio::time::timeout_at(deadline, cancelled).await {
+                    Ok(Err(e)) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
+                        drop(run);
+                        // Never reused, as after any statement it gave up.
+                        drop(Object::take(client));
+                        return Ok(None);
+                    }
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        drop(run);
+                        self.discard(client);
+                        return Err(DbError::Timeout(self.inner.query_timeout));
+                    }
+                }
+            }
+        };
+        match answer {
+            Ok(rows) => {
                 self.inner.health.ok();
                 Ok(Some(rows))
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 self.query_failed(&e);
                 Err(e.into())
-            }
-            Err(_) => {
-                let cancel = client.cancel_token();
-                // Never reused: its backend may still be running the
-                // statement, and the next borrower would wait behind it.
-                drop(Object::take(client));
-                let bound = self.inner.query_timeout;
-                tokio::spawn(async move {
-                    match tokio::time::timeout(bound, cancel.cancel_query(tokio_postgres::NoTls))
-                        .await
-                    {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "cancelling a slow statement failed")
-                        }
-                        Err(_) => tracing::debug!("cancelling a slow statement got no answer"),
-                    }
-                });
-                Ok(None)
             }
         }
     }

@@ -7,7 +7,7 @@
 //! `DATABASE_URL`.
 //!
 //! Before it is trusted, and every `probe_interval` after, it proves two
-//! things at once, each within [`PROBE_TIMEOUT`]:
+//! things in turn, each within [`PROBE_TIMEOUT`]:
 //! - that it is alive: a query on the connection itself answers (a
 //!   half-open connection answers nothing, and keepalives cannot see past a
 //!   proxy);
@@ -15,7 +15,11 @@
 //!   channel is sent from the pool, another session. A transaction-mode
 //!   pooler or a hot standby on the LISTEN path delivers a connection's own
 //!   NOTIFY but drops everyone else's; this probe fails there, and the
-//!   relay says so (log and `/healthz`) instead of trusting it.
+//!   relay says so (log and `/healthz`) instead of trusting it. It is sent
+//!   only once the first query has answered: a transaction-mode pooler
+//!   hands a notice to whichever client is running a query on the server
+//!   connection that LISTENed, so a probe sent during our own query could
+//!   come back through it.
 //!
 //! When the connection drops or a proof fails it reconnects with
 //! exponential backoff and jitter, then asks the hub to resync every topic
@@ -251,12 +255,15 @@ impl Listener {
         loop {
             nonce += 1;
             let payload = nonce.to_string();
-            // Both halves at once, so a dead connection is found within one
-            // PROBE_TIMEOUT whatever the pool does.
-            let alive = bounded(client.simple_query("SELECT 1"));
-            let sent = self.log.notify(&probe_channel, &payload);
-            let (alive, sent) = tokio::join!(alive, sent);
-            alive?;
+            // Alive first, so a dead connection is found within one
+            // PROBE_TIMEOUT whatever the pool does. Then the NOTIFY, never
+            // while a query of ours is in flight: behind a transaction-mode
+            // pooler, a notice reaches whichever client is running a query
+            // on the server connection that LISTENed, so a probe sent during
+            // our own query could come back and prove a path that drops
+            // every other notice.
+            bounded(client.simple_query("SELECT 1")).await?;
+            let sent = self.log.notify(&probe_channel, &payload).await;
             let wait = match sent {
                 Ok(()) => {
                     let arrived = tokio::time::timeout(PROBE_TIMEOUT, async {

@@ -432,3 +432,64 @@ pub async fn http_json(
         serde_json::from_str(testkit::http::body(&response)).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// The value of one unlabelled series of the relay's `/metrics`, read over
+/// HTTP as a scraper would; panics if the relay does not expose it.
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let response = http_get(addr, "/metrics").await;
+    let body = testkit::http::body(&response);
+    body.lines()
+        .find_map(|line| {
+            let (series, value) = line.split_once(' ')?;
+            (series == name).then(|| {
+                value
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or_else(|e| panic!("{name} = {value:?}: {e}"))
+            })
+        })
+        .unwrap_or_else(|| panic!("/metrics has no {name}:\n{body}"))
+}
+
+/// `/healthz` as the relay answers it: the status code and the JSON body.
+pub async fn healthz(addr: std::net::SocketAddr) -> (u16, serde_json::Value) {
+    let response = http_get(addr, "/healthz").await;
+    let status = testkit::http::status(&response).unwrap_or_else(|e| panic!("{e}"));
+    let body = serde_json::from_str(testkit::http::body(&response))
+        .unwrap_or_else(|e| panic!("/healthz body is not JSON ({e}): {response}"));
+    (status, body)
+}
+
+/// Waits until `/healthz` says the relay LISTENs again (200, `listening`
+/// true), or panics after `bound`. Returns how long it took.
+pub async fn wait_healthz_listening(addr: std::net::SocketAddr, bound: Duration) -> Duration {
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let (status, body) = healthz(addr).await;
+        if status == 200 && body["listening"] == true {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "/healthz did not say listening within {bound:?}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `/healthz` says the relay does not LISTEN (503, `listening`
+/// false), or panics after `bound`.
+pub async fn wait_healthz_not_listening(addr: std::net::SocketAddr, bound: Duration) {
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let (status, body) = healthz(addr).await;
+        if status == 503 && body["listening"] == false {
+            return;
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "/healthz still says listening after {bound:?}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

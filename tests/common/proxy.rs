@@ -10,6 +10,9 @@
 //!   (SO_LINGER 0).
 //! - `set_latency`: every chunk is held this long in each direction, order
 //!   kept.
+//! - `refuse_new`: new connections are closed as soon as they are accepted
+//!   (the server is out of reach for newcomers; connections open now keep
+//!   working). Until `heal`.
 //!
 //! A frozen connection is the hardest case for the relay: the proxy's
 //! kernel still acknowledges what the relay sends and answers its
@@ -34,6 +37,8 @@ struct Faults {
     frozen_below: u64,
     /// Connections with an id below this are reset.
     reset_below: u64,
+    /// New connections are closed at once.
+    refusing: bool,
 }
 
 /// A running proxy; dropping it closes every connection through it.
@@ -75,6 +80,10 @@ impl FaultProxy {
                             Err(_) => continue,
                         },
                     };
+                    if faults.borrow().refusing {
+                        drop(client);
+                        continue;
+                    }
                     let id = next_id.fetch_add(1, Relaxed);
                     let faults = faults.clone();
                     let stop = stop.clone();
@@ -128,9 +137,17 @@ impl FaultProxy {
         self.faults.send_modify(|f| f.frozen_below = u64::MAX);
     }
 
-    /// Ends every partition.
+    /// Ends every partition, and refuses no one.
     pub fn heal(&self) {
-        self.faults.send_modify(|f| f.frozen_below = 0);
+        self.faults.send_modify(|f| {
+            f.frozen_below = 0;
+            f.refusing = false;
+        });
+    }
+
+    /// Closes every new connection at once, until `heal`.
+    pub fn refuse_new(&self) {
+        self.faults.send_modify(|f| f.refusing = true);
     }
 
     /// Resets every connection open now.
