@@ -238,15 +238,7 @@ async fn killing_the_listen_backend_loses_nothing() {
         let gaps = counter(&relay, "pgrelay_gaps_filled_total").await;
         // The LISTEN connection cannot come back until the test says so.
         proxy.refuse_new();
-        let killed: i64 = c
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                 WHERE application_name = 'pgrelay-listener' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .expect("terminating the listener")
-            .get(0);
+        let killed = terminate_listeners(&c).await;
         assert_eq!(killed, 1, "round {round}: the one LISTEN backend, killed");
         wait_healthz_not_listening(relay.addr, Duration::from_secs(10)).await;
         hold.store(false, Relaxed);

@@ -355,6 +355,24 @@ async fn presence_joins_updates_and_leaves_across_relays_with_several_tabs() {
     r2.shutdown().await;
 }
 
+/// A `pgrelay serve` process named `relay-a` with this presence timeout,
+/// where ann is present in p, as `watcher` (of p's presence) has seen;
+/// with ann's connection, which must stay open.
+async fn present_on_a_relay_process(
+    url: &str,
+    timeout: &str,
+    watcher: &mut WsClient,
+) -> (RelayProcess, WsClient) {
+    let flags = ["--presence-timeout", timeout, "--instance", "relay-a"];
+    let relay = spawn_relay_process(url, &flags).await;
+    let mut ann = WsClient::connect(relay.addr, "ann").await;
+    subscribe_with_presence(&mut ann, "p").await;
+    ann.send_json(json!({"action": "presence", "project_id": "p", "state": {}}))
+        .await;
+    assert_eq!(next_of(watcher, "presence", 5).await["event"], "join");
+    (relay, ann)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_relays_members_leave_within_the_bound_and_a_restart_leaves_no_ghosts() {
     let db = TestDb::new().await;
@@ -367,20 +385,9 @@ async fn a_killed_relays_members_leave_within_the_bound_and_a_restart_leaves_no_
     let mut bob = WsClient::connect(r2.addr, "bob").await;
     subscribe_with_presence(&mut bob, "p").await;
 
-    let flags = ["--presence-timeout", "3s", "--instance", "relay-a"];
-    let r1 = spawn_relay_process(&db.url, &flags).await;
-    let mut ann = WsClient::connect(r1.addr, "ann").await;
-    subscribe_with_presence(&mut ann, "p").await;
-    ann.send_json(json!({"action": "presence", "project_id": "p", "state": {}}))
-        .await;
-    assert_eq!(next_of(&mut bob, "presence", 5).await["event"], "join");
-
+    let (r1, _ann) = present_on_a_relay_process(&db.url, "3s", &mut bob).await;
     // SIGKILL: no goodbye, no lease renewal.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(r1.pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL");
+    r1.kill().expect("SIGKILL");
     let killed = Instant::now();
     let left = next_of(&mut bob, "presence", 10).await;
     let took = killed.elapsed();
@@ -391,26 +398,14 @@ async fn a_killed_relays_members_leave_within_the_bound_and_a_restart_leaves_no_
         took <= timeout + Duration::from_secs(1),
         "left after {took:?}; the bound is {timeout:?}"
     );
-    drop(r1);
 
     // Killed again, and restarted at once under the same name: its members
     // go as soon as the new relay starts, long before the lease would run
     // out (here 60 s).
-    let slow = ["--presence-timeout", "60s", "--instance", "relay-a"];
-    let r1 = spawn_relay_process(&db.url, &slow).await;
-    let mut ann = WsClient::connect(r1.addr, "ann").await;
-    subscribe_with_presence(&mut ann, "p").await;
-    ann.send_json(json!({"action": "presence", "project_id": "p", "state": {}}))
-        .await;
-    assert_eq!(next_of(&mut bob, "presence", 5).await["event"], "join");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(r1.pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL");
-    drop(r1);
+    let (r1, _ann) = present_on_a_relay_process(&db.url, "60s", &mut bob).await;
+    r1.kill().expect("SIGKILL");
     let restarted = Instant::now();
-    let r1 = spawn_relay_process(&db.url, &slow).await;
+    let r1 = spawn_relay_process(&db.url, &["--instance", "relay-a"]).await;
     let left = next_of(&mut bob, "presence", 10).await;
     assert_eq!(left["event"], "leave", "{left}");
     println!(
@@ -534,16 +529,11 @@ async fn presence_heals_after_the_listen_connection_comes_back() {
     assert_eq!(next_of(&mut bob, "presence", 5).await["event"], "join");
 
     // Every relay's LISTEN connection goes; ann's update is written at once.
-    let n: i64 = c
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE application_name = 'pgrelay-listener' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .expect("terminating the listeners")
-        .get(0);
-    assert_eq!(n, 2, "both relays' LISTEN connections");
+    assert_eq!(
+        terminate_listeners(&c).await,
+        2,
+        "both relays' LISTEN connections"
+    );
     ann.send_json(json!({"action": "presence", "project_id": "p", "state": {"v": 2}}))
         .await;
     // Whether r1 heard the diff or not, it reloads once LISTEN is proven

@@ -386,6 +386,19 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 pub use testkit::process::RelayProcess;
 
+/// Terminates every relay's LISTEN connection to this database; returns how
+/// many there were.
+pub async fn terminate_listeners(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE application_name = 'pgrelay-listener' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .expect("terminating the listeners")
+    .get(0)
+}
+
 /// Starts the `pgrelay serve` binary as a separate process, so its memory
 /// can be measured apart from the test's clients: on a free port against
 /// `url` with extra flags, once `/healthz` says it LISTENs.

@@ -63,6 +63,17 @@ impl RelayProcess {
         cpu_seconds(self.pid())
     }
 
+    /// SIGKILL: the relay dies with no goodbye (no close frames, no
+    /// lease ended), as in a crash or an OOM kill; returns once it is gone.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| Error::Process(format!("could not be sent SIGKILL: {e}")))?;
+        Ok(self.child.wait()?)
+    }
+
     /// SIGTERM (a graceful shutdown), then the exit status.
     pub fn terminate(mut self) -> Result<ExitStatus> {
         nix::sys::signal::kill(
