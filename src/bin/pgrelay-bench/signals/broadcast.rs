@@ -277,6 +277,33 @@ struct Phase {
     relay_cores: f64,
     relay2_cores: f64,
     postgres_cores: f64,
+    /// The writer's time by state (`pg_stat_activity`, every 20 ms).
+    writer_states: std::collections::BTreeMap<String, f64>,
+    /// Broadcast frames both relays dropped at full client queues.
+    dropped: f64,
+}
+
+/// The broadcast load of a phase.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    None,
+    /// Every sender keeps `in_flight` broadcasts unacknowledged.
+    Max,
+    /// Broadcasts per second over all senders.
+    Paced(u64),
+}
+
+/// `pgrelay_broadcasts_dropped_total` of a relay.
+async fn dropped(addr: SocketAddr) -> anyhow::Result<f64> {
+    let text = testkit::http::get(addr, "/metrics").await?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("pgrelay_broadcasts_dropped_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| anyhow::anyhow!("no pgrelay_broadcasts_dropped_total at {addr}"))
 }
 
 /// The ceiling: a writer alone, broadcasts alone, both, the writer alone
@@ -301,10 +328,22 @@ pub async fn ceiling(
         .collect();
     seed(env, project, &users).await?;
     let secs = opts.seconds.min(10);
-    let alone1 = phase(env, relay2, project, &table, secs, true, false, opts).await?;
-    let load = phase(env, relay2, project, &table, secs, false, true, opts).await?;
-    let both = phase(env, relay2, project, &table, secs, true, true, opts).await?;
-    let alone2 = phase(env, relay2, project, &table, secs, true, false, opts).await?;
+    const PACED: u64 = 2_000;
+    let alone1 = phase(env, relay2, project, &table, secs, true, Load::None, opts).await?;
+    let load = phase(env, relay2, project, &table, secs, false, Load::Max, opts).await?;
+    let both = phase(env, relay2, project, &table, secs, true, Load::Max, opts).await?;
+    let paced = phase(
+        env,
+        relay2,
+        project,
+        &table,
+        secs,
+        true,
+        Load::Paced(PACED),
+        opts,
+    )
+    .await?;
+    let alone2 = phase(env, relay2, project, &table, secs, true, Load::None, opts).await?;
     let (sql_rate, sql_lock) = sql_broadcasts(env, project, secs).await?;
     let alone = (alone1.inserts_per_s + alone2.inserts_per_s) / 2.0;
     let mut f = Figures::new();
@@ -316,6 +355,14 @@ pub async fn ceiling(
     f.insert(
         "writer_with_over_alone".into(),
         round3(both.inserts_per_s / alone.max(1.0)),
+    );
+    f.insert(
+        format!("writer_with_{PACED}_per_s_inserts_per_s"),
+        paced.inserts_per_s.round(),
+    );
+    f.insert(
+        format!("writer_with_{PACED}_per_s_over_alone"),
+        round3(paced.inserts_per_s / alone.max(1.0)),
     );
     f.insert(
         "writer_notify_lock_share_alone".into(),
@@ -337,6 +384,10 @@ pub async fn ceiling(
         "relay2_receiver_per_s_alone".into(),
         load.received_per_s[1].round(),
     );
+    f.insert(
+        "relay_frames_dropped_per_s_at_max".into(),
+        (load.dropped / secs as f64).round(),
+    );
     f.insert("sql_broadcasts_per_s".into(), sql_rate.round());
     f.insert("sql_notify_lock_share".into(), round3(sql_lock));
     let show = |p: &Phase| {
@@ -349,12 +400,17 @@ pub async fn ceiling(
             "broadcast_errors": p.errors,
             "relay1_cores": round3(p.relay_cores), "relay2_cores": round3(p.relay2_cores),
             "postgres_cores": round3(p.postgres_cores),
+            "frames_dropped_by_relays": p.dropped,
+            "writer_time_by_state": p.writer_states,
         })
     };
     let detail = json!({
         "seconds_per_phase": secs, "senders": opts.senders, "in_flight_per_sender": opts.in_flight,
         "writer_alone_before": show(&alone1), "broadcasts_alone": show(&load),
-        "writer_and_broadcasts": show(&both), "writer_alone_after": show(&alone2),
+        "writer_and_broadcasts": show(&both),
+        "writer_and_paced_broadcasts": show(&paced),
+        "paced_broadcasts_per_s": PACED,
+        "writer_alone_after": show(&alone2),
         "sql_relay_broadcast": {"backends": 4, "per_s": sql_rate.round(), "notify_lock_share": round3(sql_lock)},
     });
     eprintln!("broadcast ceiling: {detail}");
@@ -372,9 +428,10 @@ async fn phase(
     table: &str,
     secs: u64,
     writer: bool,
-    broadcasts: bool,
+    load: Load,
     opts: &Options,
 ) -> anyhow::Result<Phase> {
+    let broadcasts = load != Load::None;
     let stop = CancellationToken::new();
     let received = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let mut receivers = Vec::new();
@@ -406,10 +463,17 @@ async fn phase(
     if broadcasts {
         for s in 0..opts.senders {
             let ws = subscribed(env, env.addr(), &format!("s{s}"), project).await?;
+            let pace = match load {
+                Load::Paced(rate) => {
+                    Some(Duration::from_secs_f64(opts.senders as f64 / rate as f64))
+                }
+                _ => None,
+            };
             senders.push(tokio::spawn(closed_loop(
                 ws,
                 project.to_string(),
                 opts.in_flight,
+                pace,
                 acked.clone(),
                 errors.clone(),
                 stop.clone(),
@@ -425,6 +489,7 @@ async fn phase(
         acked.load(Relaxed),
         [received[0].load(Relaxed), received[1].load(Relaxed)],
     );
+    let dropped0 = dropped(env.addr()).await? + dropped(relay2.addr).await?;
     let t0 = Instant::now();
     let mut result = Phase::default();
     if writer {
@@ -444,6 +509,7 @@ async fn phase(
         result.inserts_per_s = n as f64 / t0.elapsed().as_secs_f64();
         let waits = sampler.await??;
         result.notify_lock_share = waits.get(NOTIFY_LOCK_WAIT).copied().unwrap_or(0.0);
+        result.writer_states = waits;
     } else {
         tokio::time::sleep_until(end.into()).await;
     }
@@ -457,6 +523,7 @@ async fn phase(
     result.relay_cores = relay_cores;
     result.postgres_cores = pg_cores;
     result.relay2_cores = (relay2.cpu_seconds() - relay2_cpu) / window;
+    result.dropped = dropped(env.addr()).await? + dropped(relay2.addr).await? - dropped0;
     stop.cancel();
     for s in senders {
         s.await??;
@@ -468,12 +535,14 @@ async fn phase(
     Ok(result)
 }
 
-/// Keeps `in_flight` broadcasts with an id outstanding until `stop`;
+/// Keeps `in_flight` broadcasts with an id outstanding until `stop`, or
+/// with `pace`, sends one every `pace` (at most `in_flight` outstanding);
 /// counts acknowledgements and errors.
 async fn closed_loop(
     ws: ws::Ws,
     project: String,
     in_flight: usize,
+    pace: Option<Duration>,
     acked: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
     stop: CancellationToken,
@@ -485,13 +554,25 @@ async fn closed_loop(
                        "payload": {"t": now_us(), "body": "x".repeat(100)}, "id": n.to_string()});
         Message::Text(f.to_string().into())
     };
-    for _ in 0..in_flight {
-        tx.send(frame(n)).await?;
-        n += 1;
+    if pace.is_none() {
+        for _ in 0..in_flight {
+            tx.send(frame(n)).await?;
+            n += 1;
+        }
     }
+    let mut tick = tokio::time::interval(pace.unwrap_or(Duration::from_secs(3600)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut answered = 0u64;
     loop {
         let m = tokio::select! {
             _ = stop.cancelled() => break,
+            _ = tick.tick(), if pace.is_some() => {
+                if n - answered < in_flight as u64 {
+                    tx.send(frame(n)).await?;
+                    n += 1;
+                }
+                continue;
+            }
             m = rx.next() => m,
         };
         match m {
@@ -503,8 +584,11 @@ async fn closed_loop(
                 } else {
                     continue;
                 }
-                tx.send(frame(n)).await?;
-                n += 1;
+                answered += 1;
+                if pace.is_none() {
+                    tx.send(frame(n)).await?;
+                    n += 1;
+                }
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e.into()),
