@@ -494,18 +494,34 @@ async fn phase(
     let mut result = Phase::default();
     if writer {
         let sampler = tokio::spawn(sample_waits(env.client().await?, end));
-        let client = env.client_named(WRITER_APP).await?;
-        let stmt = client
-            .prepare(&format!(
-                "INSERT INTO {table} (project_id, body) VALUES ($1, $2)"
-            ))
-            .await?;
-        let body = "z".repeat(150);
-        let mut n = 0u64;
-        while Instant::now() < end {
-            client.execute(&stmt, &[&"w", &body]).await?;
-            n += 1;
-        }
+        // The writer runs on a thread and runtime of its own, so it does
+        // not queue behind the load generator's tasks in this process.
+        let (url, sql) = (
+            env.url.clone(),
+            format!("INSERT INTO {table} (project_id, body) VALUES ($1, $2)"),
+        );
+        let thread = std::thread::spawn(move || -> anyhow::Result<u64> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut config: tokio_postgres::Config = url.parse()?;
+                config.application_name(WRITER_APP);
+                let (client, conn) = config.connect(tokio_postgres::NoTls).await?;
+                tokio::spawn(conn);
+                let stmt = client.prepare(&sql).await?;
+                let body = "z".repeat(150);
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    client.execute(&stmt, &[&"w", &body]).await?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        });
+        let n = tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the writer thread panicked"))??;
         result.inserts_per_s = n as f64 / t0.elapsed().as_secs_f64();
         let waits = sampler.await??;
         result.notify_lock_share = waits.get(NOTIFY_LOCK_WAIT).copied().unwrap_or(0.0);
