@@ -365,7 +365,7 @@ async fn a_database_migrated_by_release_0_1_upgrades_in_place() {
     );
     assert_eq!(
         state.trim(),
-        "1:relay,2:chat,3:any_writer,4:divergence,5:signals|t|t|f",
+        "1:relay,2:chat,3:any_writer,4:divergence,5:signals,6:columns|t|t|f",
         "the engine upgraded, chat's membership declared, the rule as it was"
     );
     migrate(true);

@@ -9,7 +9,7 @@
 -- written, so they never reach relay.events, the notice or any client.
 --
 -- The choice lives in the capture triggers' own arguments, not in a table:
--- relay.capture reads TG_ARGV at no cost, where a settings table would cost
+-- the capture trigger reads TG_ARGV at no cost, where a settings table would cost
 -- every captured statement one more lookup; and the choice changes with
 -- the triggers in one transaction (relay.enable re-creates them), so it
 -- takes effect for the next statement, with no relay restart. A table
@@ -70,7 +70,7 @@ $$;
 
 -- relay.append's work, with a choice of keeping the row images as data
 -- (p_row_data) or only reading their scope and id from them (an id-only
--- event). relay.append is this with data; relay.capture calls it directly.
+-- event). relay.append is this with data; relay.capture_chosen calls it directly.
 CREATE OR REPLACE FUNCTION relay.append_rows(
     p_resource  text,
     p_action    text,
@@ -146,110 +146,39 @@ BEGIN
 END
 $$;
 
--- The capture trigger (see V1), cutting each row image to the table's
--- chosen columns first. TG_ARGV: resource, scope column, id column, and
--- when a choice was made, the column choice ('all', 'only', 'except'),
--- 'row_data' or 'id_only', and the listed columns.
---
--- Cost per mode, of a single-row insert (bench/capture-profile.sh): no
--- choice runs V1's steps; a deny-list adds one jsonb key deletion, which
--- the smaller image it writes pays back; an allow-list builds the image
--- from its columns; id-only writes no data.
-CREATE OR REPLACE FUNCTION relay.capture() RETURNS trigger
+-- The capture trigger of a table with a deny-list or id-only events. A
+-- table without a choice keeps V1's relay.capture, untouched, so its cost
+-- does not move. TG_ARGV: resource, scope column, id column, 'all' or
+-- 'except', 'row_data' or 'id_only', and the columns left out. Each row
+-- image is cut as it is read, one jsonb key deletion (`- TG_ARGV[5:]`);
+-- id-only events write no data. An insert runs V1's statements and no
+-- others: in a PL/pgSQL trigger each statement costs a few thousand
+-- instructions per transaction (its expression state is rebuilt). An
+-- allow-list has a trigger of its own (relay.capture_allowed).
+CREATE OR REPLACE FUNCTION relay.capture_chosen() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     v_rows   jsonb[];
+    v_new    jsonb[];
     v_old    jsonb[];
     v_moved  jsonb[];
-    v_keys   jsonb;
     v_one    jsonb;
     v_scope  text;
     v_seq    bigint;
     v_notice text;
     v_void   text;
-    v_mode   text;
-    v_data   boolean;
-    v_cols   text[];
 BEGIN
-    IF TG_NARGS > 3 THEN
-        v_mode := TG_ARGV[3];
-        v_data := TG_ARGV[4] IS DISTINCT FROM 'id_only';
-        v_cols := TG_ARGV[5:TG_NARGS - 1];
-        IF v_mode = 'only' THEN
-            -- The id and the scope are always part of an allow-list.
-            v_cols := v_cols || ARRAY[TG_ARGV[1], TG_ARGV[2]];
-        END IF;
-    END IF;
     -- DELETE events carry the row as it was; INSERT and UPDATE the row as
-    -- it is after the change. Each image is cut to the chosen columns.
-    IF TG_OP = 'DELETE' THEN
-        IF v_mode = 'except' THEN
-            SELECT array_agg(to_jsonb(o) - v_cols) INTO v_rows FROM relay_old_rows o;
-        ELSIF v_mode = 'only' THEN
-            SELECT array_agg((SELECT jsonb_object_agg(k, o.d -> k) FROM unnest(v_cols) k WHERE o.d ? k))
-            INTO v_rows FROM (SELECT to_jsonb(r) AS d FROM relay_old_rows r) o;
-        ELSE
-            SELECT array_agg(to_jsonb(o)) INTO v_rows FROM relay_old_rows o;
-        END IF;
+    -- it is after the change.
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(to_jsonb(n) - TG_ARGV[5:TG_NARGS]) INTO v_rows FROM relay_new_rows n;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(to_jsonb(o) - TG_ARGV[5:TG_NARGS]) INTO v_rows FROM relay_old_rows o;
     ELSE
-        IF v_mode = 'except' THEN
-            SELECT array_agg(to_jsonb(n) - v_cols) INTO v_rows FROM relay_new_rows n;
-        ELSIF v_mode = 'only' THEN
-            SELECT array_agg((SELECT jsonb_object_agg(k, n.d -> k) FROM unnest(v_cols) k WHERE n.d ? k))
-            INTO v_rows FROM (SELECT to_jsonb(r) AS d FROM relay_new_rows r) n;
-        ELSE
-            SELECT array_agg(to_jsonb(n)) INTO v_rows FROM relay_new_rows n;
-        END IF;
-    END IF;
-    IF TG_OP = 'UPDATE' THEN
-        IF v_mode = 'except' THEN
-            SELECT array_agg(to_jsonb(o) - v_cols) INTO v_old FROM relay_old_rows o;
-        ELSIF v_mode = 'only' THEN
-            SELECT array_agg((SELECT jsonb_object_agg(k, o.d -> k) FROM unnest(v_cols) k WHERE o.d ? k))
-            INTO v_old FROM (SELECT to_jsonb(r) AS d FROM relay_old_rows r) o;
-        ELSE
-            SELECT array_agg(to_jsonb(o)) INTO v_old FROM relay_old_rows o;
-        END IF;
-        -- A row moved to another scope (or given another id) has left its
-        -- old place: that scope gets a DELETE with the row as it was, so its
-        -- subscribers drop it (and a moved membership is re-checked there:
-        -- G4).
-        IF cardinality(v_rows) = 1 THEN
-            IF v_old[1] ->> TG_ARGV[1] IS DISTINCT FROM v_rows[1] ->> TG_ARGV[1]
-               OR v_old[1] ->> TG_ARGV[2] IS DISTINCT FROM v_rows[1] ->> TG_ARGV[2] THEN
-                v_moved := v_old;
-            END IF;
-        ELSE
-            -- Keys of the new images as a jsonb set: lookups stay O(log n)
-            -- whatever plan the planner would pick for a join (a nested loop
-            -- here would make a 10,000-row UPDATE quadratic).
-            SELECT jsonb_object_agg(coalesce(n.d ->> TG_ARGV[2], '') || chr(31) || (n.d ->> TG_ARGV[1]), true)
-            INTO v_keys
-            FROM unnest(v_rows) AS n(d);
-            SELECT array_agg(o.d ORDER BY o.ord) INTO v_moved
-            FROM unnest(v_old) WITH ORDINALITY AS o(d, ord)
-            WHERE NOT v_keys ? (coalesce(o.d ->> TG_ARGV[2], '') || chr(31) || coalesce(o.d ->> TG_ARGV[1], ''));
-        END IF;
-        -- Under a column list, a row whose chosen columns (id and scope
-        -- included) are all as they were is no event: the change was to
-        -- excluded columns only. Compared as text, so any visible change,
-        -- even 1.0 to 1.00, is an event.
-        IF v_mode IN ('only', 'except') THEN
-            IF cardinality(v_rows) = 1 THEN
-                IF v_rows[1]::text = v_old[1]::text THEN
-                    v_rows := NULL;
-                END IF;
-            ELSE
-                -- The old images as a set of digests (not of the images:
-                -- memory stays small whatever the rows' size).
-                SELECT jsonb_object_agg(encode(sha256(textsend(o.d::text)), 'base64'), true)
-                INTO v_keys
-                FROM unnest(v_old) AS o(d);
-                SELECT array_agg(n.d ORDER BY n.ord) INTO v_rows
-                FROM unnest(v_rows) WITH ORDINALITY AS n(d, ord)
-                WHERE NOT v_keys ? encode(sha256(textsend(n.d::text)), 'base64');
-            END IF;
-        END IF;
+        SELECT array_agg(to_jsonb(n) - TG_ARGV[5:TG_NARGS]) INTO v_new FROM relay_new_rows n;
+        SELECT array_agg(to_jsonb(o) - TG_ARGV[5:TG_NARGS]) INTO v_old FROM relay_old_rows o;
+        v_rows := CASE WHEN TG_ARGV[3] = 'except' THEN relay.changed_images(v_new, v_old) ELSE v_new END;
+        v_moved := relay.moved_images(v_new, v_old, TG_ARGV[1], TG_ARGV[2]);
     END IF;
     IF cardinality(v_rows) = 1 THEN
         -- One row, the common case: relay.append_rows' three steps without
@@ -266,18 +195,93 @@ BEGIN
         RETURNING c.last_seq INTO v_seq;
         INSERT INTO relay.events AS e (scope, seq, resource, action, row_id, data)
         VALUES (v_scope, v_seq, TG_ARGV[0], TG_OP, v_one ->> TG_ARGV[2],
-                CASE WHEN v_data IS NOT FALSE THEN v_one END)
+                CASE WHEN TG_ARGV[4] = 'id_only' THEN NULL ELSE v_one END)
         RETURNING relay.render(e, false) INTO v_notice;
         -- An assignment, not PERFORM: a plain expression skips the executor.
         v_void := pg_notify(relay.channel(), v_notice)::text;
     ELSIF v_rows IS NOT NULL THEN
-        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_rows, v_data IS NOT FALSE);
+        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_rows,
+                                  TG_ARGV[4] IS DISTINCT FROM 'id_only');
     END IF;
     IF v_moved IS NOT NULL THEN
-        PERFORM relay.append_rows(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2], v_moved, v_data IS NOT FALSE);
+        PERFORM relay.append_rows(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2], v_moved,
+                                  TG_ARGV[4] IS DISTINCT FROM 'id_only');
     END IF;
     RETURN NULL;
 END
+$$;
+
+-- The capture trigger of a table with an allow-list. TG_ARGV as for
+-- relay.capture_chosen, with 'only' and the columns kept (the id and scope are
+-- always kept). Every statement goes through relay.append_rows.
+CREATE OR REPLACE FUNCTION relay.capture_allowed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_cols  text[] := TG_ARGV[5:TG_NARGS] || TG_ARGV[1:2];
+    v_data  boolean := TG_ARGV[4] IS DISTINCT FROM 'id_only';
+    v_new   jsonb[];
+    v_old   jsonb[];
+BEGIN
+    IF TG_OP <> 'DELETE' THEN
+        SELECT array_agg(relay.pick_columns(to_jsonb(n), v_cols)) INTO v_new FROM relay_new_rows n;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        SELECT array_agg(relay.pick_columns(to_jsonb(o), v_cols)) INTO v_old FROM relay_old_rows o;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2],
+                                  relay.changed_images(v_new, v_old), v_data),
+                relay.append_rows(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2],
+                                  relay.moved_images(v_new, v_old, TG_ARGV[1], TG_ARGV[2]), v_data);
+    ELSE
+        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], coalesce(v_new, v_old), v_data);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- An allow-list's image: only the columns named that the row has.
+CREATE OR REPLACE FUNCTION relay.pick_columns(p_image jsonb, p_columns text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT coalesce(jsonb_object_agg(k, p_image -> k), '{}') FROM unnest(p_columns) AS k WHERE p_image ? k
+$$;
+
+-- Of an UPDATE's new images (cut to a column list), those that differ from
+-- every old image: a row whose chosen columns (id and scope included) are
+-- all as they were is no event, the change was to left-out columns only.
+-- Compared as text, so any visible change, even 1.0 to 1.00, is an event;
+-- the old images as a set of digests, so memory stays small whatever the
+-- rows' size. NULL when none changed.
+CREATE OR REPLACE FUNCTION relay.changed_images(p_new jsonb[], p_old jsonb[]) RETURNS jsonb[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    WITH old AS (
+        SELECT jsonb_object_agg(encode(sha256(textsend(o.d::text)), 'base64'), true) AS digests
+        FROM unnest(p_old) AS o(d)
+    )
+    SELECT array_agg(n.d ORDER BY n.ord)
+    FROM unnest(p_new) WITH ORDINALITY AS n(d, ord), old
+    WHERE old.digests IS NULL OR NOT old.digests ? encode(sha256(textsend(n.d::text)), 'base64')
+$$;
+
+-- Of an UPDATE's old images, those of rows that moved to another scope or
+-- were given another id: they have left their old place, which gets a
+-- DELETE with the row as it was, so its subscribers drop it (and a moved
+-- membership is re-checked there: G4). Keys of the new images as a jsonb
+-- set: lookups stay O(log n) whatever plan the planner would pick for a
+-- join (a nested loop would make a 10,000-row UPDATE quadratic). NULL when
+-- none moved.
+CREATE OR REPLACE FUNCTION relay.moved_images(p_new jsonb[], p_old jsonb[], p_scope_col text, p_id_col text)
+RETURNS jsonb[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    WITH new AS (
+        SELECT jsonb_object_agg(coalesce(n.d ->> p_id_col, '') || chr(31) || coalesce(n.d ->> p_scope_col, ''), true)
+               AS keys
+        FROM unnest(p_new) AS n(d)
+    )
+    SELECT array_agg(o.d ORDER BY o.ord)
+    FROM unnest(p_old) WITH ORDINALITY AS o(d, ord), new
+    WHERE new.keys IS NULL
+       OR NOT new.keys ? (coalesce(o.d ->> p_id_col, '') || chr(31) || coalesce(o.d ->> p_scope_col, ''))
 $$;
 
 -- relay.enable gains the column choice. A NULL (the default) keeps the
@@ -310,6 +314,7 @@ DECLARE
     v_data    boolean;
     v_bad     text;
     v_args    text;
+    v_function text;
 BEGIN
     IF p_resource IS NULL OR p_resource !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,63}$' THEN
         RAISE EXCEPTION 'relay.enable: resource name % is not valid', quote_nullable(p_resource)
@@ -396,17 +401,22 @@ BEGIN
              WITH ORDINALITY AS u(a, i);
     END IF;
 
+    -- No choice: V1's relay.capture; an allow-list and other choices have
+    -- trigger functions of their own (see relay.capture_chosen).
+    v_function := CASE WHEN v_mode = 'only' THEN 'relay.capture_allowed'
+                       WHEN v_mode = 'except' OR NOT v_data THEN 'relay.capture_chosen'
+                       ELSE 'relay.capture' END;
     PERFORM relay.disable(p_table);
     EXECUTE format('CREATE TRIGGER relay_capture_insert AFTER INSERT ON %s '
                    'REFERENCING NEW TABLE AS relay_new_rows FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION relay.capture(%s)', p_table, v_args);
+                   'EXECUTE FUNCTION %s(%s)', p_table, v_function, v_args);
     EXECUTE format('CREATE TRIGGER relay_capture_update AFTER UPDATE ON %s '
                    'REFERENCING OLD TABLE AS relay_old_rows NEW TABLE AS relay_new_rows '
                    'FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION relay.capture(%s)', p_table, v_args);
+                   'EXECUTE FUNCTION %s(%s)', p_table, v_function, v_args);
     EXECUTE format('CREATE TRIGGER relay_capture_delete AFTER DELETE ON %s '
                    'REFERENCING OLD TABLE AS relay_old_rows FOR EACH STATEMENT '
-                   'EXECUTE FUNCTION relay.capture(%s)', p_table, v_args);
+                   'EXECUTE FUNCTION %s(%s)', p_table, v_function, v_args);
     EXECUTE format('CREATE TRIGGER relay_refuse_truncate BEFORE TRUNCATE ON %s '
                    'FOR EACH STATEMENT EXECUTE FUNCTION relay.refuse_truncate()', p_table);
     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER relay_capture_insert, '
