@@ -433,7 +433,8 @@ impl ServeArgs {
         };
         Some(JwksConfig {
             refresh_interval: self.jwt_jwks_refresh.max(Duration::from_secs(1)),
-            min_fetch_interval: self.jwt_jwks_min_fetch_interval,
+            // Also the first retry after a failure: never a busy loop.
+            min_fetch_interval: self.jwt_jwks_min_fetch_interval.max(Duration::from_secs(1)),
             fetch_timeout: self.jwt_jwks_timeout.max(Duration::from_millis(100)),
             ..JwksConfig::new(source)
         })

@@ -216,7 +216,9 @@ impl Jwks {
                     .min_fetch_interval
                     .saturating_mul(1 << shift)
                     .min(self.config.refresh_interval)
-            };
+            }
+            // However it was configured, never a busy loop.
+            .max(Duration::from_millis(50));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -309,14 +311,22 @@ impl Jwks {
                 self.metrics.fetch_failures.fetch_add(1, SeqCst);
                 let failures = self.consecutive_failures.fetch_add(1, SeqCst) + 1;
                 let kept = self.keys.load().by_kid.len();
-                tracing::warn!(
-                    error = %e,
-                    cause,
-                    consecutive_failures = failures,
-                    kept_keys = kept,
-                    loaded = self.is_loaded(),
-                    "JWKS fetch failed; keeping the last good keys"
-                );
+                if self.is_loaded() {
+                    tracing::warn!(
+                        error = %e,
+                        cause,
+                        consecutive_failures = failures,
+                        kept_keys = kept,
+                        "JWKS fetch failed; keeping the last good keys"
+                    );
+                } else {
+                    tracing::error!(
+                        error = %e,
+                        cause,
+                        consecutive_failures = failures,
+                        "JWKS fetch failed and no keys were ever loaded: every token is refused"
+                    );
+                }
                 *lock(&self.problem) = Some(e.to_string());
                 false
             }
