@@ -8,10 +8,11 @@
 # inserts, one commit each, run twice (1 and 1,001 inserts) so that start-up
 # cancels out. The breakdown cases are statement triggers with transition
 # tables that repeat relay.capture's single-row steps one at a time; the
-# last case is relay.capture itself.
+# last case is relay.capture itself. A second table compares the column
+# modes of relay.enable (every column, deny-list, allow-list, id-only).
 #
 # Needs valgrind (apt-get install valgrind) and the Postgres server
-# binaries; PGRELAY_PG_BIN or /usr/lib/postgresql/*/bin. About two minutes.
+# binaries; PGRELAY_PG_BIN or /usr/lib/postgresql/*/bin. About three minutes.
 # Usage: bench/capture-profile.sh [output.md]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -81,6 +82,17 @@ SQL
     # became SECURITY DEFINER (V3): the price of "any writer, no forging".
     echo "DO \$\$ BEGIN EXECUTE format('CREATE FUNCTION profile.capture_invoker() RETURNS trigger LANGUAGE plpgsql AS %L',
           (SELECT prosrc FROM pg_proc WHERE oid = 'relay.capture()'::regprocedure)); END \$\$;"
+    # The column modes of relay.enable (G10), on one table with a column
+    # worth leaving out: every column (today), a deny-list, an allow-list
+    # of the same columns, and id-only events.
+    echo "CREATE TABLE profile.cols_all (LIKE profile.plain INCLUDING ALL, secret text NOT NULL DEFAULT repeat('s', 64));"
+    echo "CREATE TABLE profile.cols_except (LIKE profile.cols_all INCLUDING ALL);"
+    echo "CREATE TABLE profile.cols_only (LIKE profile.cols_all INCLUDING ALL);"
+    echo "CREATE TABLE profile.cols_id_only (LIKE profile.cols_all INCLUDING ALL);"
+    echo "SELECT relay.enable('profile.cols_all', 'row');"
+    echo "SELECT relay.enable('profile.cols_except', 'row', p_exclude_columns => ARRAY['secret']);"
+    echo "SELECT relay.enable('profile.cols_only', 'row', p_columns => ARRAY['body']);"
+    echo "SELECT relay.enable('profile.cols_id_only', 'row', p_row_data => false);"
     echo "CREATE TABLE profile.captured_invoker (LIKE profile.plain INCLUDING ALL);"
     echo "CREATE TRIGGER captured_invoker AFTER INSERT ON profile.captured_invoker REFERENCING NEW TABLE AS relay_new_rows
           FOR EACH STATEMENT EXECUTE FUNCTION profile.capture_invoker('row', 'project_id', 'id');"
@@ -133,6 +145,21 @@ plain=$(per_insert profile.plain)
     invoker=$n
     n=$(per_insert profile.captured)
     printf '| relay.capture (the real trigger: SECURITY DEFINER, pinned search_path) | %s | %s | %s |\n' "$n" "$(ratio "$n" "$plain")" "$((n - invoker))"
+    echo
+    echo "### Instructions per single-row insert by column mode (relay.enable, G10)"
+    echo
+    echo "A table (id, project_id, body of 150 bytes, secret of 64 bytes), captured four ways."
+    echo
+    echo "| mode | instructions | vs every column |"
+    echo "| --- | --- | --- |"
+    all=$(per_insert profile.cols_all)
+    printf '| every column (no choice, as before G10) | %s | |\n' "$all"
+    for s in "cols_except:deny-list (p_exclude_columns => ARRAY['secret'])" \
+             "cols_only:allow-list (p_columns => ARRAY['body'], with id and scope)" \
+             "cols_id_only:id-only (p_row_data => false)"; do
+        n=$(per_insert "profile.${s%%:*}")
+        printf '| %s | %s | %+d |\n' "${s#*:}" "$n" "$((n - all))"
+    done
     echo
     echo "Postgres $("$bin/postgres" --version | awk '{print $3}'), $(valgrind --version), command: bench/capture-profile.sh"
 } | tee "$out"

@@ -100,9 +100,10 @@ DO $$
 DECLARE
     v_p text := current_setting('sqltest.p');
 BEGIN
-    -- chat.project_members: resource project_member, id = user_id.
+    -- chat.project_members: resource project_member, id = user_id; its
+    -- data leaves out the member's cursors (migrations/chat/V2__columns.sql).
     PERFORM pg_temp.expect_event(v_p, 2, 'project_member', 'INSERT', 'alice',
-        (SELECT to_jsonb(x) FROM chat.project_members x
+        (SELECT to_jsonb(x) - ARRAY['last_delivered_seq', 'last_read_seq'] FROM chat.project_members x
          WHERE x.project_id = v_p AND x.user_id = 'alice'));
     PERFORM pg_temp.expect_latest(v_p, 2);
 END
@@ -168,9 +169,9 @@ DECLARE
 BEGIN
     -- Two rows, two events, contiguous, in the statement's row order.
     PERFORM pg_temp.expect_event(v_p, 6, 'project_member', 'INSERT', 'bob',
-        (SELECT to_jsonb(x) FROM chat.project_members x WHERE x.project_id = v_p AND x.user_id = 'bob'));
+        (SELECT to_jsonb(x) - ARRAY['last_delivered_seq', 'last_read_seq'] FROM chat.project_members x WHERE x.project_id = v_p AND x.user_id = 'bob'));
     PERFORM pg_temp.expect_event(v_p, 7, 'project_member', 'INSERT', 'carol',
-        (SELECT to_jsonb(x) FROM chat.project_members x WHERE x.project_id = v_p AND x.user_id = 'carol'));
+        (SELECT to_jsonb(x) - ARRAY['last_delivered_seq', 'last_read_seq'] FROM chat.project_members x WHERE x.project_id = v_p AND x.user_id = 'carol'));
     PERFORM pg_temp.expect_latest(v_p, 7);
 END
 $$;
@@ -182,14 +183,14 @@ DECLARE
     v_p text := current_setting('sqltest.p');
 BEGIN
     PERFORM pg_temp.expect_event(v_p, 8, 'project_member', 'UPDATE', 'bob',
-        (SELECT to_jsonb(x) FROM chat.project_members x WHERE x.project_id = v_p AND x.user_id = 'bob'));
+        (SELECT to_jsonb(x) - ARRAY['last_delivered_seq', 'last_read_seq'] FROM chat.project_members x WHERE x.project_id = v_p AND x.user_id = 'bob'));
     ASSERT (SELECT data ->> 'role' FROM relay.events WHERE scope = v_p AND seq = 8) = 'owner',
         'member UPDATE event: expected data.role = owner';
     PERFORM pg_temp.expect_latest(v_p, 8);
 END
 $$;
 
-SELECT set_config('sqltest.before', to_jsonb(m)::text, true) AS before
+SELECT set_config('sqltest.before', (to_jsonb(m) - ARRAY['last_delivered_seq', 'last_read_seq'])::text, true) AS before
 FROM chat.project_members m WHERE m.project_id = :'p' AND m.user_id = 'carol' \gset
 
 DELETE FROM chat.project_members WHERE project_id = :'p' AND user_id = 'carol';
@@ -314,7 +315,7 @@ BEGIN
     -- chat.project_members has no ordinary triggers of its own, so it can be
     -- written in replica mode. Add a member and remove it again.
     INSERT INTO chat.project_members (project_id, user_id) VALUES (v_p, 'erin')
-    RETURNING to_jsonb(project_members) INTO v_row;
+    RETURNING to_jsonb(project_members) - ARRAY['last_delivered_seq', 'last_read_seq'] INTO v_row;
     DELETE FROM chat.project_members WHERE project_id = v_p AND user_id = 'erin';
     PERFORM set_config('session_replication_role', 'origin', true);
     PERFORM pg_temp.expect_event(v_p, v_latest + 1, 'project_member', 'INSERT', 'erin', v_row);

@@ -660,6 +660,7 @@ mod tests {
             seq,
             captured_us: us,
             membership: false,
+            resource: Arc::from("r"),
             bytes: Utf8Bytes::from_static("{}"),
         }
     }

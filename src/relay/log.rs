@@ -104,6 +104,9 @@ pub struct Frame {
     /// database, or named in `membership_resources`): subscribers are
     /// re-authorized after it.
     pub membership: bool,
+    /// The event's resource: a subscription narrowed to some resources
+    /// (G10) is sent only theirs.
+    pub resource: Arc<str>,
     /// The frame text, rendered once by `relay.render`; shared, never
     /// re-encoded, by every subscriber it is written to.
     pub bytes: Utf8Bytes,
@@ -595,6 +598,20 @@ impl EventLog {
         ))
     }
 
+    /// The resources tracked tables are captured as (their capture
+    /// triggers' first argument), read from the catalog: no grant needed.
+    pub async fn tracked_resources(&self) -> Result<Vec<String>, LogError> {
+        let rows = self
+            .pool
+            .query(
+                "SELECT DISTINCT split_part(encode(tgargs, 'escape'), '\\000', 1)::text \
+                 FROM pg_trigger WHERE tgname = 'relay_capture_insert'",
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// `pg_notification_queue_usage()`, for `/metrics`.
     pub async fn notification_queue_usage(&self) -> Result<f64, LogError> {
         let row = self
@@ -689,6 +706,7 @@ impl EventLog {
             captured_us: created_at.timestamp_micros(),
             membership: declared_membership.unwrap_or(false)
                 || self.membership_resources.iter().any(|r| r == resource),
+            resource: Arc::from(resource),
             bytes: Utf8Bytes::from(text),
         })
     }

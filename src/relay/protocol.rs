@@ -91,6 +91,8 @@ pub const MAX_BROADCAST_BYTES: usize = 6144;
 pub const MAX_PRESENCE_BYTES: usize = 1024;
 /// Longest client-chosen `id` of a broadcast (asks for an acknowledgement).
 pub const MAX_ID_LEN: usize = 64;
+/// Most resources one subscription may name (G10).
+pub const MAX_RESOURCES: usize = 32;
 
 /// What a client may ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +104,8 @@ pub enum ClientMessage {
         /// `"presence":true`: also receive the scope's presence (a
         /// snapshot, then diffs).
         presence: bool,
+        /// `"resources":[..]`: only events of these resources (G10).
+        resources: Option<Vec<String>>,
     },
     /// An ephemeral signal to the scope's other subscribers (G9).
     Broadcast(Broadcast),
@@ -318,10 +322,16 @@ fn request(obj: &Map<String, Value>, action: &str) -> Result<ClientMessage, Prot
                     ))
                 }
             };
+            let resources = match obj.get("resources") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(list)) => Some(resources(list)?),
+                Some(_) => return Err(bad_resources()),
+            };
             Ok(ClientMessage::Subscribe {
                 scope: scope()?,
                 since: since_seq.map(|seq| Cursor::new(seq, since_time)),
                 presence,
+                resources,
             })
         }
         "broadcast" => parse_broadcast(obj, scope()?).map(ClientMessage::Broadcast),
@@ -367,6 +377,46 @@ fn request(obj: &Map<String, Value>, action: &str) -> Result<ClientMessage, Prot
             Some(truncate(other, 64)),
         )),
     }
+}
+
+fn bad_resources() -> ProtocolError {
+    ProtocolError::new(
+        code::BAD_REQUEST,
+        format!(
+            "\"resources\" must be an array of 1 to {MAX_RESOURCES} resource names \
+             (a letter or _, then letters, digits, _ . -; at most 64)"
+        ),
+        Some("subscribe"),
+    )
+}
+
+/// A subscription's resources, as `relay.enable` names them; duplicates
+/// are dropped.
+fn resources(list: &[Value]) -> Result<Vec<String>, ProtocolError> {
+    if list.is_empty() || list.len() > MAX_RESOURCES {
+        return Err(bad_resources());
+    }
+    let mut names: Vec<String> = Vec::with_capacity(list.len());
+    for item in list {
+        let Value::String(name) = item else {
+            return Err(bad_resources());
+        };
+        if !is_resource_name(name) {
+            return Err(bad_resources());
+        }
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    Ok(names)
+}
+
+/// `relay.enable`'s rule: `^[A-Za-z_][A-Za-z0-9_.-]{0,63}$`.
+fn is_resource_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 fn parse_broadcast(
@@ -457,6 +507,32 @@ pub fn parse_timestamp(text: &str) -> Option<i64> {
 pub fn subscribed_frame(scope: &str, latest: Cursor) -> String {
     json!({"type": "subscribed", "project_id": scope, "seq": latest.seq,
            "timestamp": latest.time_us.and_then(format_timestamp)})
+    .to_string()
+}
+
+/// The `subscribed` frame of a subscription narrowed to `resources`
+/// (G10): also says which of them no table is tracked as (not an error: a
+/// table may be tracked later, or events published by `relay.append`).
+pub fn subscribed_filtered_frame(
+    scope: &str,
+    latest: Cursor,
+    resources: &[String],
+    untracked: &[String],
+) -> String {
+    json!({"type": "subscribed", "project_id": scope, "seq": latest.seq,
+           "timestamp": latest.time_us.and_then(format_timestamp),
+           "resources": resources, "untracked": untracked})
+    .to_string()
+}
+
+/// `{"type":"skipped","project_id":..,"after":A,"seq":S,"timestamp":..}`:
+/// for a subscription narrowed to some resources, no event after seq `A`
+/// up to `S` (named by its timestamp) is of them. The cursor moves to `S`:
+/// every seq is accounted for, by an event or a skipped range, so a gap
+/// still means loss (G3, G10).
+pub fn skipped_frame(scope: &str, after: u64, through: Cursor) -> String {
+    json!({"type": "skipped", "project_id": scope, "after": after, "seq": through.seq,
+           "timestamp": through.time_us.and_then(format_timestamp)})
     .to_string()
 }
 
@@ -566,6 +642,7 @@ mod tests {
                 scope: "p".into(),
                 since: Some(Cursor::new(42, None)),
                 presence: false,
+                resources: None,
             })
         );
         assert_eq!(
@@ -574,6 +651,7 @@ mod tests {
                 scope: "p".into(),
                 since: None,
                 presence: false,
+                resources: None,
             })
         );
         assert_eq!(
@@ -596,6 +674,7 @@ mod tests {
                 scope: "p".into(),
                 since: Some(Cursor::new(42, Some(us))),
                 presence: false,
+                resources: None,
             })
         );
         for bad in [
@@ -615,6 +694,7 @@ mod tests {
                 scope: "42".into(),
                 since: None,
                 presence: false,
+                resources: None,
             })
         );
         assert_eq!(
@@ -729,6 +809,7 @@ mod tests {
                 scope: "p".into(),
                 since: None,
                 presence: true,
+                resources: None,
             })
         );
     }
@@ -844,5 +925,44 @@ mod tests {
         ] {
             assert_eq!(refusal(text).get("project_id"), None, "{text}");
         }
+    }
+
+    #[test]
+    fn a_subscription_may_name_its_resources() {
+        assert_eq!(
+            parse(
+                r#"{"action":"subscribe","project_id":"p","resources":["message","task.v2","message"]}"#
+            ),
+            Ok(ClientMessage::Subscribe {
+                scope: "p".into(),
+                since: None,
+                presence: false,
+                resources: Some(vec!["message".into(), "task.v2".into()]),
+            })
+        );
+        let many = format!(
+            r#"{{"action":"subscribe","project_id":"p","resources":[{}]}}"#,
+            (0..=MAX_RESOURCES)
+                .map(|i| format!("\"r{i}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        for bad in [
+            r#"{"action":"subscribe","project_id":"p","resources":[]}"#,
+            r#"{"action":"subscribe","project_id":"p","resources":"message"}"#,
+            r#"{"action":"subscribe","project_id":"p","resources":[1]}"#,
+            r#"{"action":"subscribe","project_id":"p","resources":["9lives"]}"#,
+            r#"{"action":"subscribe","project_id":"p","resources":["a b"]}"#,
+            many.as_str(),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.code, code::BAD_REQUEST, "{bad}");
+            assert_eq!(e.scope.as_deref(), Some("p"), "{bad}");
+        }
+        let long = format!(
+            r#"{{"action":"subscribe","project_id":"p","resources":["{}"]}}"#,
+            "r".repeat(65)
+        );
+        assert_eq!(parse(&long).unwrap_err().code, code::BAD_REQUEST);
     }
 }

@@ -23,6 +23,11 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> anyhow::Result<Env> {
+        Env::start_with(&crate::relay::Limits::default()).await
+    }
+
+    /// [`Env::start`], the relay running with `limits`.
+    pub async fn start_with(limits: &crate::relay::Limits) -> anyhow::Result<Env> {
         let mut options = PgOptions::for_tests();
         // Durable but not waiting for fsync per commit: this disk's fsync
         // otherwise caps every scenario near 450 commits/s.
@@ -37,24 +42,19 @@ impl Env {
         admin.batch_execute("CREATE DATABASE bench").await?;
         let url = pg.url("bench");
         pgrelay::db::schema::migrate(&url, pgrelay::db::schema::Apps::WITH_CHAT).await?;
-        let addr = free_addr()?;
-        let mut command = Command::new(std::env::current_exe()?);
-        command
-            .args([
-                "relay",
-                "--database-url",
-                &url,
-                "--listen",
-                &addr.to_string(),
-            ])
-            .env("RUST_LOG", "warn");
-        let relay = RelayProcess::spawn(&mut command, addr).await?;
+        let relay = spawn_relay(&url, limits).await?;
         Ok(Env {
             relay,
             pg,
             url,
             auth: Authenticator::hs256(SECRET.as_bytes(), Duration::ZERO),
         })
+    }
+
+    /// Another relay process on the same database (this binary's hidden
+    /// `relay` mode, as [`Env::start`]'s).
+    pub async fn spawn_relay(&self, limits: &crate::relay::Limits) -> anyhow::Result<RelayProcess> {
+        spawn_relay(&self.url, limits).await
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
@@ -112,6 +112,23 @@ impl Env {
         drop(pg);
         Ok(())
     }
+}
+
+/// This binary in its hidden `relay` mode against `url`, once healthy.
+async fn spawn_relay(url: &str, limits: &crate::relay::Limits) -> anyhow::Result<RelayProcess> {
+    let addr = free_addr()?;
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args([
+            "relay",
+            "--database-url",
+            url,
+            "--listen",
+            &addr.to_string(),
+        ])
+        .args(limits.args())
+        .env("RUST_LOG", "warn");
+    Ok(RelayProcess::spawn(&mut command, addr).await?)
 }
 
 /// CPU used since [`Env::cpu_meter`] by the relay process and by Postgres.

@@ -15,7 +15,8 @@
 //! # Layout
 //!
 //! - One file per scenario: [`latency`], [`saturation`], [`connections`],
-//!   [`write_cost`], [`stalled`]; each returns a [`report::Outcome`].
+//!   [`write_cost`], [`stalled`], [`signals`] (broadcast and presence,
+//!   G9); each returns a [`report::Outcome`].
 //! - What they share: [`env`] (the private Postgres, the relay process,
 //!   database clients, CPU meters), [`subscriber`] (a WebSocket subscriber
 //!   that records latency and order), [`stats`] (histograms and
@@ -30,6 +31,7 @@ mod latency;
 mod relay;
 mod report;
 mod saturation;
+mod signals;
 mod stalled;
 mod stats;
 mod subscriber;
@@ -124,6 +126,40 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Broadcast and presence across two relays (G9): latency, the
+    /// broadcast rate the database takes and what it costs a writer,
+    /// presence latency and memory; every figure per run and its median.
+    Signals {
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Subscriber counts of the latency part, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        subscribers: Vec<usize>,
+        /// Broadcasts per second in the latency part.
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        /// Seconds each timed phase lasts.
+        #[arg(long, default_value_t = 6)]
+        seconds: u64,
+        /// Closed-loop sender connections in the ceiling part.
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        /// Unacknowledged broadcasts each of them keeps outstanding.
+        #[arg(long, default_value_t = 32)]
+        in_flight: usize,
+        /// Users who join, update and leave in the presence part.
+        #[arg(long, default_value_t = 100)]
+        presence_users: usize,
+        /// Presence changes per second.
+        #[arg(long, default_value_t = 20)]
+        presence_rate: u64,
+        /// Connections of the memory part.
+        #[arg(long, default_value_t = 10_000)]
+        present: usize,
+        /// Projects they spread over.
+        #[arg(long, default_value_t = 1_000)]
+        present_projects: usize,
+    },
     /// Runs the relay for the other scenarios (internal).
     #[command(hide = true)]
     Relay {
@@ -131,24 +167,31 @@ enum Scenario {
         database_url: String,
         #[arg(long)]
         listen: String,
+        #[command(flatten)]
+        limits: relay::Limits,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    raise_open_files_limit();
     if let Scenario::Relay {
         database_url,
         listen,
+        limits,
     } = &cli.scenario
     {
-        return relay::run(database_url, listen);
+        return relay::run(database_url, listen, limits);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     runtime.block_on(async {
-        let env = env::Env::start().await?;
+        let env = match cli.scenario {
+            Scenario::Signals { .. } => env::Env::start_with(&signals::limits()).await?,
+            _ => env::Env::start().await?,
+        };
         let result = match cli.scenario.clone() {
             Scenario::Latency {
                 subscribers,
@@ -189,6 +232,32 @@ fn main() -> anyhow::Result<()> {
                 };
                 stalled::run(&env, &opts).await?
             }
+            Scenario::Signals {
+                runs,
+                subscribers,
+                rate,
+                seconds,
+                senders,
+                in_flight,
+                presence_users,
+                presence_rate,
+                present,
+                present_projects,
+            } => {
+                let opts = signals::Options {
+                    runs,
+                    subscribers,
+                    rate,
+                    seconds,
+                    senders,
+                    in_flight,
+                    presence_users,
+                    presence_rate,
+                    present,
+                    present_projects,
+                };
+                signals::run(&env, &opts).await?
+            }
             Scenario::Relay { .. } => unreachable!("handled above"),
         };
         report::write(&cli.out, &result)?;
@@ -196,4 +265,16 @@ fn main() -> anyhow::Result<()> {
         env.stop()?;
         Ok(())
     })
+}
+
+/// Every client and relay connection is a file descriptor: raise the soft
+/// limit to the hard one (as `pgrelay serve` does), for the 10,000
+/// connections of `connections` and `signals`.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }

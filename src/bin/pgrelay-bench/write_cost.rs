@@ -173,16 +173,16 @@ pub async fn run(env: &Env, seconds: u64) -> anyhow::Result<Outcome> {
 }
 
 /// The application_name of write-cost writers, so the sampler sees only them.
-const WRITER_APP: &str = "pgrelay_bench_writer";
+pub const WRITER_APP: &str = "pgrelay_bench_writer";
 /// What pg_stat_activity shows for a backend queued on NOTIFY's lock: at
 /// commit, a transaction that notified takes a heavyweight lock on
 /// database 0, so notifying commits run one at a time, cluster-wide.
-const NOTIFY_LOCK_WAIT: &str = "Lock:object";
+pub const NOTIFY_LOCK_WAIT: &str = "Lock:object";
 
 /// Samples what the writers' backends are doing every 20 ms until `end`:
 /// the share of samples per state (`CPU` when active and not waiting,
 /// `client` when idle between statements, else the wait event).
-async fn sample_waits(c: Client, end: Instant) -> anyhow::Result<BTreeMap<String, f64>> {
+pub async fn sample_waits(c: Client, end: Instant) -> anyhow::Result<BTreeMap<String, f64>> {
     let stmt = c
         .prepare(
             "SELECT CASE WHEN state = 'idle' THEN 'client'

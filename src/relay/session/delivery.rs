@@ -173,6 +173,10 @@ impl Session {
         let Some(sub) = self.subs.get_mut(scope) else {
             return Ok(Step::Idle);
         };
+        // A `skipped` owed since the socket last filled goes first.
+        if !send_skipped(out, sub).await? {
+            return Ok(Step::SocketFull);
+        }
         match sub.topic.read_after(sub.cursor, sub.epoch, PUMP_BATCH) {
             RingRead::UpToDate => {
                 set_catching_up(sub, false, &ctx.metrics);
@@ -304,6 +308,8 @@ impl Session {
         out.feed(text(protocol::reset_frame(scope, state.latest(), reason)))
             .await?;
         sub.cursor = state.latest();
+        // The reset moves the client's cursor too.
+        sub.skip_from = None;
         sub.epoch = epoch;
         sub.checked_in = Some(generation);
         // The skipped range may have held a membership change.
@@ -350,6 +356,23 @@ where
         socket_full: false,
     };
     for frame in frames {
+        if !sub.wants(&frame.resource) {
+            // Passed over (G10): the cursor moves; the client is told with
+            // one `skipped` frame, before its next event or at the end of
+            // this batch.
+            sub.skip_from.get_or_insert(sub.cursor.seq);
+            sub.cursor = Cursor::at(frame);
+            written.frames += 1;
+            if frame.membership {
+                sub.recheck = true;
+                break;
+            }
+            continue;
+        }
+        if !send_skipped(out, sub).await? {
+            written.socket_full = true;
+            break;
+        }
         // The log's bytes, shared, never re-encoded.
         if !out.try_feed(Message::Text(frame.bytes.clone())).await? {
             written.socket_full = true;
@@ -368,5 +391,25 @@ where
             break;
         }
     }
+    if !written.socket_full && !send_skipped(out, sub).await? {
+        written.socket_full = true;
+    }
     Ok(written)
+}
+
+/// Tells the client of the events the filter passed over, up to the
+/// cursor, if any; `false`: the socket is full (it stays owed).
+async fn send_skipped<S>(out: &mut Out<S>, sub: &mut Subscription) -> Result<bool, End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(after) = sub.skip_from else {
+        return Ok(true);
+    };
+    let frame = protocol::skipped_frame(sub.topic.scope(), after, sub.cursor);
+    if !out.try_feed(text(frame)).await? {
+        return Ok(false);
+    }
+    sub.skip_from = None;
+    Ok(true)
 }

@@ -136,6 +136,21 @@ struct Subscription {
     /// Presence frames were let go while the subscription waited for its
     /// re-check: once it passes, a fresh snapshot is owed.
     presence_missed: bool,
+    /// Only events of these resources are sent (G10); `None`: all.
+    filter: Option<Vec<String>>,
+    /// The client's cursor, when events after it were passed over by the
+    /// filter and the client was not yet told (a `skipped` frame is owed
+    /// through `cursor`).
+    skip_from: Option<u64>,
+}
+
+impl Subscription {
+    /// Whether `resource`'s events are sent to this subscription.
+    fn wants(&self, resource: &str) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == resource))
+    }
 }
 
 pub async fn run<S>(
@@ -438,7 +453,8 @@ impl Session {
                 scope,
                 since,
                 presence,
-            } => self.subscribe(scope, since, presence, out).await,
+                resources,
+            } => self.subscribe(scope, since, presence, resources, out).await,
             ClientMessage::Broadcast(broadcast) => self.broadcast(broadcast, out).await,
             ClientMessage::Presence { scope, state } => {
                 self.set_presence(scope, Some(state), out).await

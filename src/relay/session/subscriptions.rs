@@ -17,6 +17,7 @@ impl Session {
         scope: String,
         since: Option<Cursor>,
         watch_presence: bool,
+        resources: Option<Vec<String>>,
         out: &mut Out<S>,
     ) -> Result<(), End>
     where
@@ -46,12 +47,16 @@ impl Session {
             let _permit = self.ctx.backfills.acquire().await;
             let state = self.ctx.log.scope_state(&scope).await?;
             let verdict = self.authorize(std::slice::from_ref(&scope)).await?;
-            Ok::<_, LogError>((state, verdict))
+            let tracked = match resources {
+                Some(_) => self.ctx.log.tracked_resources().await?,
+                None => Vec::new(),
+            };
+            Ok::<_, LogError>((state, verdict, tracked))
         }
         .await;
-        let state = match checked {
-            Ok((state, verdicts)) => match outcome_for(&verdicts, &scope) {
-                Ok(true) => state,
+        let (state, tracked) = match checked {
+            Ok((state, verdicts, tracked)) => match outcome_for(&verdicts, &scope) {
+                Ok(true) => (state, tracked),
                 Ok(false) => {
                     // Refused now: whatever was allowed before ends too.
                     if let Some(old) = self.subs.remove(&scope) {
@@ -102,10 +107,22 @@ impl Session {
                 watches_presence: watch_presence,
                 present,
                 presence_missed: false,
+                filter: resources.clone(),
+                skip_from: None,
             },
         );
-        out.text(protocol::subscribed_frame(&scope, state.latest()))
-            .await?;
+        let subscribed = match &resources {
+            Some(resources) => {
+                let untracked: Vec<String> = resources
+                    .iter()
+                    .filter(|r| !tracked.contains(r))
+                    .cloned()
+                    .collect();
+                protocol::subscribed_filtered_frame(&scope, state.latest(), resources, &untracked)
+            }
+            None => protocol::subscribed_frame(&scope, state.latest()),
+        };
+        out.text(subscribed).await?;
         if let Some(reason) = reset {
             self.ctx.metrics.resets_sent.fetch_add(1, Relaxed);
             out.text(protocol::reset_frame(&scope, state.latest(), reason))
