@@ -623,7 +623,10 @@ mod tests {
 
     #[test]
     fn every_line_is_a_comment_or_a_sample() {
-        let text = Metrics::default().render(Some(0.0));
+        let m = Metrics::default();
+        // The JWKS lines are rendered only once a JWKS was fetched.
+        m.jwks.fetches.store(1, Relaxed);
+        let text = m.render(Some(0.0));
         for line in text.lines() {
             assert!(
                 line.starts_with("# HELP pgrelay_")
@@ -633,5 +636,7 @@ mod tests {
             );
         }
         assert!(text.contains("# TYPE pgrelay_presence_members gauge\npgrelay_presence_members 0"));
+        assert!(text
+            .contains("# TYPE pgrelay_jwks_fetches_total counter\npgrelay_jwks_fetches_total 1"));
     }
 }
