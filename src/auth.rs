@@ -1,4 +1,5 @@
-//! Who is connecting: JWT verification (HS256 with a shared secret) and the
+//! Who is connecting: JWT verification (HS256 with a shared secret, a PEM
+//! public key, or an identity provider's JWKS, see [`crate::jwks`]) and the
 //! token extraction rules of the protocol (`Authorization: Bearer` header,
 //! or the `token` query parameter, since browsers cannot set headers on a
 //! WebSocket). Tokens are never logged.
@@ -6,11 +7,16 @@
 //! Whether that user may receive a scope's events is not decided here but
 //! in the database (`relay.authorize`), at subscribe time.
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use crate::jwks::{Jwks, JwksConfig, JwksSource};
+use crate::metrics::JwksMetrics;
 
 /// Why a token was refused, or the verifier could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,8 +31,8 @@ pub enum AuthError {
     Config(String),
 }
 
-/// How tokens are checked. At least one of the HS256 secret and the
-/// public key must be set.
+/// How tokens are checked. At least one of the HS256 secret, the public
+/// key and the JWKS must be set.
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
     /// Shared secret for HS256 (also what `pgrelay token` signs with).
@@ -39,6 +45,9 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// When set, `iss` must equal it.
     pub issuer: Option<String>,
+    /// An identity provider's keys, fetched from its JWKS (or found by
+    /// OIDC discovery); asymmetric algorithms only.
+    pub jwks: Option<JwksConfig>,
 }
 
 /// The claims pgrelay reads.
@@ -69,11 +78,26 @@ pub struct Identity {
 /// is refused (no key has it), and algorithm confusion (an HS256 token
 /// "signed" with the RSA public key as secret) is refused too, since
 /// HS256 is only ever checked with the shared secret.
+///
+/// With a JWKS, a token of an asymmetric algorithm is checked with the key
+/// its `kid` names (a token without `kid` only when the set has a single
+/// key), and that key's own algorithms; a `kid` the set lacks falls back
+/// to the PEM key when one is configured for the algorithm. HS256 never
+/// goes to the JWKS.
 #[derive(Clone)]
 pub struct Authenticator {
     keys: Vec<(Algorithm, DecodingKey, Validation)>,
     encoding: Option<EncodingKey>,
     leeway: Duration,
+    jwks: Option<Arc<Jwks>>,
+    jwks_metrics: Arc<JwksMetrics>,
+}
+
+/// What [`Authenticator::check`] found.
+enum Checked {
+    Done(Result<Identity, AuthError>),
+    /// The token names a `kid` the JWKS lacks.
+    UnknownKid(Arc<Jwks>),
 }
 
 impl Authenticator {
@@ -86,16 +110,24 @@ impl Authenticator {
             leeway,
             ..AuthConfig::default()
         };
-        Self::build(&config).unwrap_or_else(|_| Authenticator {
+        Self::build(&config, Arc::default()).unwrap_or_else(|_| Authenticator {
             keys: Vec::new(),
             encoding: None,
             leeway,
+            jwks: None,
+            jwks_metrics: Arc::default(),
         })
     }
 
     /// Like [`hs256`](Self::hs256), from a full configuration, enforcing
     /// the policy on secrets (at least 16 bytes) and keys.
     pub fn new(config: &AuthConfig) -> Result<Self, AuthError> {
+        Self::with_metrics(config, Arc::default())
+    }
+
+    /// Like [`new`](Self::new), counting JWKS fetches in `metrics`. With a
+    /// JWKS, no key is fetched yet: see [`jwks`](Self::jwks).
+    pub fn with_metrics(config: &AuthConfig, metrics: Arc<JwksMetrics>) -> Result<Self, AuthError> {
         if config
             .hs256_secret
             .as_ref()
@@ -105,10 +137,10 @@ impl Authenticator {
                 "the HS256 secret must be at least 16 bytes".into(),
             ));
         }
-        Self::build(config)
+        Self::build(config, metrics)
     }
 
-    fn build(config: &AuthConfig) -> Result<Self, AuthError> {
+    fn build(config: &AuthConfig, metrics: Arc<JwksMetrics>) -> Result<Self, AuthError> {
         let validation = |alg: Algorithm| {
             let mut v = Validation::new(alg);
             v.leeway = config.leeway.as_secs();
@@ -122,6 +154,12 @@ impl Authenticator {
             }
             if let Some(iss) = &config.issuer {
                 v.set_issuer(&[iss]);
+                required.push("iss");
+            } else if let Some(JwksSource::Issuer(iss)) = config.jwks.as_ref().map(|j| &j.source) {
+                // The provider's own issuer, as its tokens write it (with
+                // or without a trailing slash).
+                let bare = iss.trim_end_matches('/');
+                v.set_issuer(&[bare.to_string(), format!("{bare}/")]);
                 required.push("iss");
             }
             v.set_required_spec_claims(&required);
@@ -149,16 +187,41 @@ impl Authenticator {
             };
             keys.push((alg, key, validation(alg)));
         }
-        if keys.is_empty() {
+        let jwks = match &config.jwks {
+            Some(j) => Some(Arc::new(Jwks::new(
+                j.clone(),
+                validation(Algorithm::RS256),
+                metrics.clone(),
+            )?)),
+            None => None,
+        };
+        if keys.is_empty() && jwks.is_none() {
             return Err(AuthError::Config(
-                "set a shared secret (PGRELAY_JWT_SECRET) or a public key (PGRELAY_JWT_PUBLIC_KEY_FILE)".into(),
+                "set a shared secret (PGRELAY_JWT_SECRET), a public key (PGRELAY_JWT_PUBLIC_KEY_FILE) \
+                 or an identity provider (PGRELAY_JWT_JWKS_URL or PGRELAY_JWT_OIDC_ISSUER)"
+                    .into(),
             ));
         }
         Ok(Authenticator {
             keys,
             encoding,
             leeway: config.leeway,
+            jwks,
+            jwks_metrics: metrics,
         })
+    }
+
+    /// The JWKS fetcher, when one is configured: the relay loads it at
+    /// start ([`Jwks::load_at_start`]) and runs its schedule ([`Jwks::run`]).
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.as_ref()
+    }
+
+    /// Why no token can be verified yet (a JWKS that never loaded), for
+    /// `/healthz`.
+    pub fn problem(&self) -> Option<String> {
+        let problem = self.jwks.as_ref()?.problem()?;
+        Some(format!("the JWKS is not loaded: {problem}"))
     }
 
     /// The clock-skew allowance, for expiry timers.
@@ -166,16 +229,89 @@ impl Authenticator {
         self.leeway
     }
 
+    /// Checks `token` with the keys at hand. A `kid` the JWKS lacks is
+    /// refused, and makes the JWKS fetched again in the background (rate
+    /// limited); [`verify_fresh`](Self::verify_fresh) waits for that fetch.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AuthError::Invalid("malformed token or unsupported algorithm".into()))?;
+        match self.check(token) {
+            Checked::Done(result) => result,
+            Checked::UnknownKid(jwks) => {
+                jwks.request_refresh();
+                self.unknown_kid(&jwks)
+            }
+        }
+    }
+
+    /// Like [`verify`](Self::verify), but a token naming a `kid` the JWKS
+    /// lacks waits for a fetch of the JWKS (one started now if none did in
+    /// the last `min_fetch_interval`, or the one under way) and is checked
+    /// again: a key the provider just added works at once.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Identity, AuthError> {
+        match self.check(token) {
+            Checked::Done(result) => result,
+            Checked::UnknownKid(jwks) => {
+                jwks.refresh_for_unknown_kid().await;
+                match self.check(token) {
+                    Checked::Done(result) => result,
+                    Checked::UnknownKid(jwks) => self.unknown_kid(&jwks),
+                }
+            }
+        }
+    }
+
+    fn unknown_kid(&self, jwks: &Jwks) -> Result<Identity, AuthError> {
+        self.jwks_metrics.unknown_kid.fetch_add(1, Relaxed);
+        Err(AuthError::Invalid(if jwks.is_loaded() {
+            "unknown signing key (kid)".into()
+        } else {
+            "the identity provider's keys are not loaded yet".into()
+        }))
+    }
+
+    fn check(&self, token: &str) -> Checked {
+        let header = match jsonwebtoken::decode_header(token) {
+            Ok(h) => h,
+            Err(_) => {
+                return Checked::Done(Err(AuthError::Invalid(
+                    "malformed token or unsupported algorithm".into(),
+                )))
+            }
+        };
+        let has_static = self.keys.iter().any(|(alg, _, _)| *alg == header.alg);
+        if let Some(jwks) = &self.jwks {
+            let symmetric = matches!(
+                header.alg,
+                Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512
+            );
+            if !symmetric {
+                if let Some(key) = jwks.key(header.kid.as_deref()) {
+                    return Checked::Done(Self::decode(token, &key.key, &key.validation));
+                }
+                if !has_static {
+                    return match header.kid {
+                        Some(_) => Checked::UnknownKid(jwks.clone()),
+                        None => Checked::Done(Err(AuthError::Invalid(
+                            "the token names no signing key (kid)".into(),
+                        ))),
+                    };
+                }
+            }
+        }
         let Some((_, key, validation)) = self.keys.iter().find(|(alg, _, _)| *alg == header.alg)
         else {
-            return Err(AuthError::Invalid(format!(
+            return Checked::Done(Err(AuthError::Invalid(format!(
                 "algorithm {:?} not accepted",
                 header.alg
-            )));
+            ))));
         };
+        Checked::Done(Self::decode(token, key, validation))
+    }
+
+    fn decode(
+        token: &str,
+        key: &DecodingKey,
+        validation: &Validation,
+    ) -> Result<Identity, AuthError> {
         let data =
             jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,

@@ -12,6 +12,7 @@ use clap::Parser;
 
 use crate::auth::AuthConfig;
 use crate::db::schema::Apps;
+use crate::jwks::{JwksConfig, JwksSource};
 use crate::retention::RetentionConfig;
 
 /// A setting that could not be used.
@@ -263,6 +264,25 @@ pub struct ServeArgs {
     /// Required `iss` claim, if any.
     #[arg(long, env = "PGRELAY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
+    /// URL of an identity provider's JWKS: tokens signed by its keys
+    /// (RS256, ES256, EdDSA, ...) are accepted, the key picked by `kid`.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_URL", conflicts_with = "jwt_oidc_issuer")]
+    pub jwt_jwks_url: Option<String>,
+    /// An OIDC issuer URL: its discovery document names the JWKS, and
+    /// `iss` must be this issuer unless PGRELAY_JWT_ISSUER says otherwise.
+    #[arg(long, env = "PGRELAY_JWT_OIDC_ISSUER")]
+    pub jwt_oidc_issuer: Option<String>,
+    /// How often the JWKS is fetched again: the longest a key the provider
+    /// removed keeps working.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+    /// At most one JWKS fetch per this interval for tokens naming an
+    /// unknown `kid`; also the first retry after a failed fetch.
+    #[arg(long, env = "PGRELAY_JWT_JWKS_MIN_FETCH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub jwt_jwks_min_fetch_interval: Duration,
+    /// Deadline of one JWKS fetch (discovery included).
+    #[arg(long, env = "PGRELAY_JWT_JWKS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_jwks_timeout: Duration,
     /// Largest inbound WebSocket frame, in bytes.
     #[arg(long, env = "PGRELAY_MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub max_frame_bytes: usize,
@@ -400,6 +420,26 @@ impl ServeArgs {
         Ok((secret, public_key))
     }
 
+    /// Where the identity provider's keys come from, if anywhere.
+    pub fn jwks_config(&self) -> Option<JwksConfig> {
+        let nonempty = |s: &Option<String>| s.as_ref().filter(|s| !s.trim().is_empty()).cloned();
+        let source = match (
+            nonempty(&self.jwt_jwks_url),
+            nonempty(&self.jwt_oidc_issuer),
+        ) {
+            (Some(url), _) => JwksSource::Url(url),
+            (None, Some(issuer)) => JwksSource::Issuer(issuer),
+            (None, None) => return None,
+        };
+        Some(JwksConfig {
+            refresh_interval: self.jwt_jwks_refresh.max(Duration::from_secs(1)),
+            // Also the first retry after a failure: never a busy loop.
+            min_fetch_interval: self.jwt_jwks_min_fetch_interval.max(Duration::from_secs(1)),
+            fetch_timeout: self.jwt_jwks_timeout.max(Duration::from_millis(100)),
+            ..JwksConfig::new(source)
+        })
+    }
+
     /// The relay's configuration for `database_url`, with tokens checked by
     /// `secret` and/or `public_key`.
     pub fn relay_config(
@@ -415,6 +455,7 @@ impl ServeArgs {
             leeway: self.jwt_leeway,
             audience: self.jwt_audience.clone(),
             issuer: self.jwt_issuer.clone(),
+            jwks: self.jwks_config(),
         };
         config.channel = self.channel.clone();
         config.listen_database_url = self.listen_database_url.clone();

@@ -40,6 +40,7 @@
 //!   SDK of `clients/js` at `/client.js`), and the helpers every route shares
 //!   ([`http::request`], [`http::response`]).
 //! - Beside the path: [`auth`] (token verification, nothing of HTTP),
+//!   [`jwks`] (an identity provider's keys, fetched and refreshed),
 //!   [`config`] (every setting), [`metrics`] (counters for `/metrics`),
 //!   [`retention`] (trims the log, one relay at a time), and [`server`],
 //!   which wires one relay together and shuts it down in order.
@@ -62,6 +63,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod jwks;
 pub mod metrics;
 pub mod relay;
 pub mod retention;

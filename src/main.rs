@@ -155,11 +155,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let (mut secret, public_key) = args.token_keys()?;
-    if secret.is_none() && public_key.is_none() {
+    if secret.is_none() && public_key.is_none() && args.jwks_config().is_none() {
         if !private {
             anyhow::bail!(
-                "PGRELAY_JWT_SECRET (or PGRELAY_JWT_SECRET_FILE, or PGRELAY_JWT_PUBLIC_KEY_FILE) \
-                 is required with DATABASE_URL: it is what client tokens are checked with"
+                "PGRELAY_JWT_SECRET (or PGRELAY_JWT_SECRET_FILE, PGRELAY_JWT_PUBLIC_KEY_FILE, \
+                 PGRELAY_JWT_JWKS_URL or PGRELAY_JWT_OIDC_ISSUER) is required with DATABASE_URL: \
+                 it is what client tokens are checked with"
             );
         }
         // Kept with the data when there is a data directory, so printed

@@ -6,6 +6,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// Upper bounds (seconds) of the commit-to-send delay histogram.
 const DELAY_BUCKETS: [f64; 14] = [
@@ -156,6 +157,75 @@ pub struct Metrics {
     pub timeouts: Timeouts,
     /// Broadcasts and presence (G9).
     pub signals: SignalMetrics,
+    /// The identity provider's keys (`PGRELAY_JWT_JWKS_URL`); shared with
+    /// the fetcher, which is built before the relay.
+    pub jwks: Arc<JwksMetrics>,
+}
+
+/// What the relay counts of its JWKS fetches; rendered only when a JWKS
+/// is configured (after the first fetch).
+#[derive(Default)]
+pub struct JwksMetrics {
+    /// Fetches started (at start, on the schedule, for an unknown `kid`).
+    pub fetches: AtomicU64,
+    /// Fetches that gave no usable key set (the last good one was kept).
+    pub fetch_failures: AtomicU64,
+    /// Tokens refused because no key of the set had their `kid`, even
+    /// after the refresh it may start.
+    pub unknown_kid: AtomicU64,
+    /// Keys in the current set.
+    pub keys: AtomicI64,
+    /// When the last successful fetch ended, seconds since the epoch.
+    pub last_success_unix: AtomicI64,
+}
+
+impl JwksMetrics {
+    fn render(&self, out: &mut String) {
+        if self.fetches.load(Relaxed) == 0 {
+            return;
+        }
+        for (name, value, help) in [
+            (
+                "jwks_keys",
+                &self.keys,
+                "Signature keys in the JWKS set in use.",
+            ),
+            (
+                "jwks_last_success_timestamp_seconds",
+                &self.last_success_unix,
+                "When the JWKS was last fetched successfully (0: never).",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} gauge\npgrelay_{name} {}",
+                value.load(Relaxed)
+            );
+        }
+        for (name, value, help) in [
+            (
+                "jwks_fetches_total",
+                &self.fetches,
+                "JWKS fetches started (at start, on the schedule, for an unknown kid).",
+            ),
+            (
+                "jwks_fetch_failures_total",
+                &self.fetch_failures,
+                "JWKS fetches that failed; the last good keys were kept.",
+            ),
+            (
+                "jwks_unknown_kid_total",
+                &self.unknown_kid,
+                "Tokens refused because the JWKS had no key with their kid.",
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_{name} {help}\n# TYPE pgrelay_{name} counter\npgrelay_{name} {}",
+                value.load(Relaxed)
+            );
+        }
+    }
 }
 
 /// What the relay counts of ephemeral signals (G9).
@@ -509,6 +579,7 @@ impl Metrics {
         }
         self.timeouts.render(&mut out);
         self.signals.render(&mut out);
+        self.jwks.render(&mut out);
         self.delivery_delay.render(
             &mut out,
             "pgrelay_delivery_delay_seconds",
@@ -552,7 +623,10 @@ mod tests {
 
     #[test]
     fn every_line_is_a_comment_or_a_sample() {
-        let text = Metrics::default().render(Some(0.0));
+        let m = Metrics::default();
+        // The JWKS lines are rendered only once a JWKS was fetched.
+        m.jwks.fetches.store(1, Relaxed);
+        let text = m.render(Some(0.0));
         for line in text.lines() {
             assert!(
                 line.starts_with("# HELP pgrelay_")
@@ -562,5 +636,7 @@ mod tests {
             );
         }
         assert!(text.contains("# TYPE pgrelay_presence_members gauge\npgrelay_presence_members 0"));
+        assert!(text
+            .contains("# TYPE pgrelay_jwks_fetches_total counter\npgrelay_jwks_fetches_total 1"));
     }
 }

@@ -79,8 +79,14 @@ impl RelayHandle {
 
 pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHandle, StartError> {
     let addr = socket.local_addr()?;
-    let auth = Authenticator::new(&config.auth)?;
     let metrics = Arc::new(Metrics::default());
+    let auth = Authenticator::with_metrics(&config.auth, metrics.jwks.clone())?;
+    // The identity provider's keys, before serving: a relay that could
+    // not load them still starts (the schedule retries), with /healthz at
+    // 503 naming the reason.
+    if let Some(jwks) = auth.jwks() {
+        jwks.load_at_start().await;
+    }
     let statements = if config.transaction_pooler {
         Statements::Unnamed
     } else {
@@ -138,6 +144,9 @@ pub async fn start(config: RelayConfig, socket: TcpListener) -> Result<RelayHand
     let (listening_tx, listening_rx) = watch::channel(false);
 
     background.spawn(hub.clone().run_fetcher(shutdown.clone()));
+    if let Some(jwks) = auth.jwks() {
+        background.spawn(jwks.clone().run(shutdown.clone()));
+    }
     // Ephemeral signals (G9): presence in the database, broadcasts on the
     // signal channel.
     let relay_id = format!("{:012x}", rand::random::<u64>() >> 16);

@@ -198,6 +198,7 @@ async fn public_key_tokens_work_and_algorithm_confusion_is_refused() {
         leeway: Duration::from_secs(5),
         audience: None,
         issuer: None,
+        jwks: None,
     };
     let relay = start_relay(config).await;
     let claims = json!({"sub": "ann", "exp": unix_now() + 600});

@@ -260,7 +260,7 @@ impl Api {
             e.allow = Some(allow);
             return Err(e);
         }
-        let user = self.authenticate(&req)?;
+        let user = self.authenticate(&req).await?;
         self.take_budget(&user)?;
         let query = parse_query(req.uri().query());
         match (method, segments.as_slice()) {
@@ -311,9 +311,9 @@ impl Api {
         }
     }
 
-    fn authenticate<B>(&self, req: &Request<B>) -> Result<String, ApiError> {
+    async fn authenticate<B>(&self, req: &Request<B>) -> Result<String, ApiError> {
         let token = token_from_request(req).ok_or(AuthError::Missing)?;
-        Ok(self.auth.verify(&token)?.user_id)
+        Ok(self.auth.verify_fresh(&token).await?.user_id)
     }
 
     /// A token bucket per user, so one user cannot monopolise the pool.

@@ -81,7 +81,7 @@ pub async fn handle(
         return Ok(state.api.handle(req).await);
     }
     let response = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => websocket::upgrade(req, &state),
+        (&Method::GET, "/ws") => websocket::upgrade(req, &state).await,
         (&Method::GET, "/healthz") => healthz(&state),
         (&Method::GET, "/") => demo::page(),
         (&Method::GET, "/client.js") => sdk::entry(),
@@ -108,11 +108,13 @@ pub async fn handle(
 
 /// Ready only while both halves of delivery work: LISTEN is up and proven
 /// (else events are only polled), and the pool serves reads (else nothing
-/// is delivered and no one can subscribe). A 503 names the reason.
+/// is delivered and no one can subscribe), and, with a JWKS, its keys were
+/// loaded once (else every token is refused). A 503 names the reason.
 fn healthz(state: &HttpState) -> Response<Body> {
     let listening = *state.listening.borrow();
     let reads = state.sessions.log.pool().health().problem();
-    if listening && reads.is_none() {
+    let keys = state.sessions.auth.problem();
+    if listening && reads.is_none() && keys.is_none() {
         return json_response(
             StatusCode::OK,
             json!({"status": "ok", "listening": true, "reads": true}),
@@ -130,14 +132,20 @@ fn healthz(state: &HttpState) -> Response<Body> {
     if let Some(problem) = &reads {
         reasons.push(format!("database reads fail: {problem}"));
     }
-    let message = if listening {
+    if let Some(problem) = &keys {
+        reasons.push(problem.clone());
+    }
+    let message = if !listening {
+        "not LISTENing on the database; events are being polled"
+    } else if reads.is_some() {
         "the event log cannot be read; delivery and subscribe wait for the database"
     } else {
-        "not LISTENing on the database; events are being polled"
+        "the identity provider's keys (JWKS) are not loaded; every token is refused"
     };
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         json!({"status": "unavailable", "listening": listening, "reads": reads.is_none(),
+               "token_keys": keys.is_none(),
                "reason": reasons.join("; "), "message": message}),
     )
 }

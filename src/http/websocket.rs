@@ -36,7 +36,7 @@ fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &s
 /// bad token still gets the upgrade, then a close with the documented
 /// code: browsers cannot read the status of a refused handshake, but they
 /// can read a close code.
-pub fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body> {
+pub async fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<Body> {
     if !header_has_token(&req, header::UPGRADE, "websocket")
         || !header_has_token(&req, header::CONNECTION, "upgrade")
     {
@@ -75,7 +75,7 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<HttpState>) -> Response<B
     };
     let accept = derive_accept_key(key.as_bytes());
     let verdict = match token_from_request(&req) {
-        Some(token) => state.sessions.auth.verify(&token),
+        Some(token) => state.sessions.auth.verify_fresh(&token).await,
         None => Err(AuthError::Missing),
     }
     .map_err(Refusal::from);

@@ -476,7 +476,9 @@ impl Session {
                 }
             }
             ClientMessage::Auth { token } => {
-                let frame = match self.ctx.auth.verify(&token) {
+                // A fresh token may be signed by a key the provider just
+                // added: wait for the (rate-limited) JWKS fetch it starts.
+                let frame = match self.ctx.auth.verify_fresh(&token).await {
                     Ok(identity) if identity.user_id == self.identity.user_id => {
                         let expires_at = identity.expires_at;
                         self.identity = identity;
