@@ -13,7 +13,7 @@ use common::TestDb;
 /// `sql/tests/*.sql`: a file added there without being named here (or a
 /// file named here and gone) fails the test instead of being silently run
 /// or silently dropped.
-const SQL_TESTS: [&str; 14] = [
+const SQL_TESTS: [&str; 15] = [
     "001_capture.sql",
     "002_rollback_and_scopes.sql",
     "003_copy.sql",
@@ -28,6 +28,7 @@ const SQL_TESTS: [&str; 14] = [
     "012_any_writer_and_grants.sql",
     "013_divergence.sql",
     "014_signals.sql",
+    "015_columns.sql",
 ];
 
 #[tokio::test(flavor = "multi_thread")]
