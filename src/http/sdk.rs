@@ -41,6 +41,7 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../../clients/js/src/emitter.js"),
     ),
     ("errors.js", include_str!("../../clients/js/src/errors.js")),
+    ("filter.js", include_str!("../../clients/js/src/filter.js")),
     (
         "invalidate.js",
         include_str!("../../clients/js/src/invalidate.js"),

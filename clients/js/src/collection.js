@@ -15,9 +15,15 @@
 //    before the delete cannot bring it back.
 // After a `reset` the history is loaded again the same way; rows neither in
 // it nor touched by an event since the reload began are gone.
+// Over a subscription narrowed to some resources (G10) the same holds: its
+// cursor moves over the other resources' events (`skipped`), so "after the
+// cursor" still means every later change of this resource. A filter that
+// leaves this resource out would leave the collection frozen at its
+// history: that is refused when the collection is made.
 
 import { backoffDelay, DEFAULT_BACKOFF } from "./backoff.js";
 import { Emitter } from "./emitter.js";
+import { PgRelayError } from "./errors.js";
 
 /**
  * @typedef {object} CollectionOptions
@@ -42,6 +48,14 @@ export class Collection extends Emitter {
   constructor(subscription, resource, options) {
     super();
     if (typeof options?.load !== "function") throw new TypeError("collection: options.load must be a function returning the history");
+    const filter = subscription.resources;
+    if (Array.isArray(filter) && !filter.includes(resource)) {
+      throw new PgRelayError(
+        `collection: the subscription of ${subscription.project} is for resources [${filter.join(", ")}], ` +
+          `so ${JSON.stringify(resource)} events would never arrive`,
+        { code: "filtered_out" },
+      );
+    }
     this.subscription = subscription;
     this.resource = resource;
     this._key = options.key ?? ((row) => String(row.id));

@@ -10,6 +10,7 @@ import { backoffDelay, DEFAULT_BACKOFF, SLOW_BACKOFF } from "./backoff.js";
 import { Close, ErrorCode, closeAction } from "./codes.js";
 import { Emitter } from "./emitter.js";
 import { AuthError, ConnectionError, PgRelayError } from "./errors.js";
+import * as Filter from "./filter.js";
 import { Subscription } from "./subscription.js";
 import { TokenSource, expiresAt } from "./tokens.js";
 
@@ -97,19 +98,36 @@ export class Client extends Emitter {
    * The project's subscription, shared by every caller (one cursor per
    * project). `cursor`: a stored `subscription.cursor` to resume from;
    * `presence: true` watches its presence from the first subscribe (the
-   * same as using `sub.presence`).
+   * same as using `sub.presence`); `resources`: only these resources'
+   * events (G10; omitted: every resource).
+   *
+   * The relay keeps one subscription per project per connection (a second
+   * subscribe replaces the first), so a project has one filter here too:
+   * asking for a project already subscribed with other resources (or with
+   * a filter when it has none, or the reverse) throws a PgRelayError
+   * (`filter_conflict`) rather than widen a view some caller narrowed or
+   * narrow one another caller relies on. Unsubscribe it first, or open a
+   * second Client.
    * @param {string|number} project
-   * @param {{cursor?: unknown, presence?: boolean}} [options]
+   * @param {{cursor?: unknown, presence?: boolean, resources?: string[]}} [options]
    */
   subscribe(project, options = {}) {
     if (this.state === "closed") throw new PgRelayError("the client is closed");
     const id = String(project);
+    const resources = Filter.normalize(options.resources);
     const existing = this.subscriptions.get(id);
     if (existing && !existing.ended) {
+      if (!Filter.same(existing.resources, resources)) {
+        throw new PgRelayError(
+          `project ${id} is already subscribed on this connection for ${Filter.describe(existing.resources)}, ` +
+            `not ${Filter.describe(resources)}: a connection has one subscription per project (unsubscribe it first)`,
+          { code: "filter_conflict" },
+        );
+      }
       if (options.presence) void existing.presence;
       return existing;
     }
-    const sub = new Subscription(this, id, options);
+    const sub = new Subscription(this, id, { ...options, resources });
     this.subscriptions.set(id, sub);
     this._send(sub._subscribeFrame());
     return sub;
@@ -272,6 +290,8 @@ export class Client extends Emitter {
         return sub?._onSubscribed(frame);
       case "reset":
         return sub?._onReset(frame);
+      case "skipped":
+        return sub?._onSkipped(frame);
       case "broadcast":
       case "broadcast_ack":
       case "presence_state":

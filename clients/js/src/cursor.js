@@ -15,10 +15,20 @@
 // (`history_diverged`) when it does not: a failover that lost commits this
 // app already saw makes seqs repeat with other events, which a bare seq
 // cannot tell (docs/protocol.md, "Resume").
+//
+// A subscription narrowed to some resources (G10) sees only their events,
+// so its seqs are not contiguous; the relay accounts for the rest with
+// `skipped` frames ({after, seq, timestamp}: no event of the filter lies
+// after `after` up to `seq`). A skipped range moves the cursor like an
+// event does, so "every seq is an event or a vouched-for range" still
+// holds, and a seq neither covers is a gap, as it is unfiltered
+// (docs/protocol.md, "Filters"). A cursor is a position in the project's
+// whole stream: it resumes a subscription with any filter.
 
 /**
  * @typedef {{seq: number, timestamp?: string}} Cursor
- * @typedef {{seq: number, timestamp?: string|null}} PositionedFrame  an event, `subscribed` or `reset` frame
+ * @typedef {{seq: number, timestamp?: string|null}} PositionedFrame  an event, `subscribed`, `reset` or `skipped` frame
+ * @typedef {{after: number, seq: number, timestamp?: string|null}} SkippedFrame
  */
 
 /** The cursor at `frame`'s position, with its event's name when it has one. */
@@ -30,6 +40,14 @@ function at(frame) {
 
 /** The cursor once `frame`, an event, has been handed to the app. */
 export function afterEvent(frame) {
+  return at(frame);
+}
+
+/**
+ * The cursor once `frame`, a `skipped` range placed "next", has been
+ * taken: at its end, named by the event there.
+ */
+export function afterSkipped(frame) {
   return at(frame);
 }
 
@@ -72,6 +90,34 @@ export function subscribeFields(cursor) {
 export function place(cursor, frame) {
   if (frame.seq === cursor.seq + 1) return "next";
   return frame.seq <= cursor.seq ? "duplicate" : "ahead";
+}
+
+/**
+ * Where a `skipped` range stands relative to the cursor. It is next when
+ * it covers the seq after the cursor (`after` at or before the cursor,
+ * `seq` past it): nothing the app is owed lies up to its end, since the
+ * relay vouched for the whole range, so also for the part after the
+ * cursor (a range may start before the cursor when the relay coalesced
+ * it differently on a resend). It is a duplicate when it ends at or behind
+ * the cursor, and ahead of a gap when it starts past the cursor: the seqs
+ * between are unaccounted for.
+ * @param {Cursor} cursor
+ * @param {SkippedFrame} frame
+ * @returns {"next" | "duplicate" | "ahead"}
+ */
+export function placeSkipped(cursor, frame) {
+  if (frame.seq <= cursor.seq) return "duplicate";
+  return frame.after <= cursor.seq ? "next" : "ahead";
+}
+
+/** Whether `frame` is a `skipped` range the cursor rules can place (integer bounds, `after` < `seq`). */
+export function isSkipped(frame) {
+  return Number.isSafeInteger(frame.after) && Number.isSafeInteger(frame.seq) && frame.after >= 0 && frame.after < frame.seq;
+}
+
+/** The seq a cursor stands at (what a `skipped` event reports). */
+export function position(cursor) {
+  return cursor.seq;
 }
 
 /**

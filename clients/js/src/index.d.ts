@@ -68,6 +68,28 @@ export interface PresenceChange<State = any> {
 /** Opaque and JSON-serialisable: store `subscription.cursor`, pass it back as `{cursor}`. */
 export type Cursor = object;
 
+export interface SubscribeOptions {
+  /** A stored `subscription.cursor` to resume from (a position in the project's whole stream: valid with any filter). */
+  cursor?: Cursor | null;
+  /** Watch the project's presence from the first subscribe. */
+  presence?: boolean;
+  /** Only these resources' events (1 to 32 names, as `relay.enable` names them); omitted: every resource. */
+  resources?: string[];
+}
+
+/** What `subscribed` says: the relay's latest seq; the filter, and those of its resources no table is tracked as. */
+export interface SubscribedInfo {
+  seq: number;
+  resources: string[] | null;
+  untracked: string[];
+}
+
+/** The cursor moved from `after` to `seq` past events the filter leaves out. */
+export interface SkippedInfo {
+  after: number;
+  seq: number;
+}
+
 type Off = () => void;
 
 export class TokenSource {
@@ -99,7 +121,7 @@ export class Client {
   readonly stats: { sockets: number; reconnects: number; lastClose: { code: number; reason: string } | null };
   connect(): void;
   close(): void;
-  subscribe(project: string | number, options?: { cursor?: Cursor | null; presence?: boolean }): Subscription;
+  subscribe(project: string | number, options?: SubscribeOptions): Subscription;
   on(event: "state", fn: (state: ConnectionState) => void): Off;
   on(event: "error", fn: (error: PgRelayError) => void): Off;
   on(event: "reconnecting", fn: (info: { delay: number; attempt: number; code: number | null }) => void): Off;
@@ -113,7 +135,11 @@ export class Subscription {
   readonly state: "pending" | "subscribed" | "ended";
   readonly cursor: Cursor | null;
   readonly ended: boolean;
-  readonly stats: { delivered: number; duplicates: number; heldBack: number; gapsRefilled: number; resets: number };
+  /** The resources asked for; null: every resource. */
+  readonly resources: string[] | null;
+  /** Of `resources`, those no table was tracked as at the last `subscribed`. */
+  readonly untracked: string[];
+  readonly stats: { delivered: number; duplicates: number; heldBack: number; gapsRefilled: number; resets: number; skipped: number };
   readonly presence: Presence;
   ready(): Promise<void>;
   unsubscribe(): void;
@@ -121,7 +147,8 @@ export class Subscription {
   broadcast(event: string, payload: unknown, options: BroadcastOptions & { ack: true }): Promise<void>;
   on(event: "event", fn: (event: EventFrame) => void): Off;
   on(event: "reset", fn: (info: ResetInfo) => void): Off;
-  on(event: "subscribed", fn: (info: { seq: number }) => void): Off;
+  on(event: "subscribed", fn: (info: SubscribedInfo) => void): Off;
+  on(event: "skipped", fn: (info: SkippedInfo) => void): Off;
   on(event: "broadcast", fn: (broadcast: BroadcastFrame) => void): Off;
   on(event: "error", fn: (error: SubscriptionError | SignalError) => void): Off;
   on(event: "ended", fn: (error: SubscriptionError | null) => void): Off;

@@ -4,6 +4,7 @@
 //                   its broadcasts
 //   presence.js     Presence: who is online in one project
 //   cursor.js       what a subscription's cursor holds (the one place)
+//   filter.js       a subscription's resource filter: its rule, its checks
 //   collection.js   Collection: history + live events of one resource, no race
 //   outbox.js       Outbox: writes that survive offline periods and reloads
 //   api.js          ChatApi: the chat API under /v1
@@ -27,11 +28,16 @@ export { TokenSource, expiresAt } from "./tokens.js";
 /**
  * A keyed collection of `resource` in `project`: subscribes first, then
  * loads the history with `options.load` and merges it with live events.
+ * It shares the project's subscription when there is one, whatever its
+ * filter (one that leaves `resource` out is refused); otherwise it
+ * subscribes to every resource.
  * @param {import("./connection.js").Client} client
  * @param {string} project
  * @param {string} resource
  * @param {import("./collection.js").CollectionOptions} options
  */
 export function collection(client, project, resource, options) {
-  return new Collection(client.subscribe(project), resource, options);
+  const existing = client.subscriptions.get(String(project));
+  const sub = existing && !existing.ended ? existing : client.subscribe(project);
+  return new Collection(sub, resource, options);
 }

@@ -1,10 +1,14 @@
 // One project's stream: its cursor, and the rule that the app gets every
 // event exactly once and in order. The relay already sends them that way;
 // this is the SDK's own check, so that no reconnect, resubscribe or bug on
-// either side can show an app an event twice or out of order.
+// either side can show an app an event twice or out of order. A
+// subscription narrowed to some resources (G10) gets `skipped` ranges for
+// the seqs it was not sent: they move the cursor without an event, and
+// the same check tells a range passed over from a range lost.
 
 import * as Cursor from "./cursor.js";
 import { Emitter } from "./emitter.js";
+import * as Filter from "./filter.js";
 import { ErrorCode } from "./codes.js";
 import { SignalError, SubscriptionError } from "./errors.js";
 import { Presence } from "./presence.js";
@@ -19,15 +23,16 @@ let ackCount = 0;
 
 /**
  * Events: `event` (frame), `reset` ({reason, seq, frame}), `subscribed`
- * ({seq}), `broadcast` (frame), `error` (SubscriptionError, or SignalError
- * for a refused broadcast or presence change), `ended`
- * (SubscriptionError|null).
+ * ({seq, resources, untracked}), `skipped` ({after, seq}: the cursor moved
+ * past events the filter leaves out), `broadcast` (frame), `error`
+ * (SubscriptionError, or SignalError for a refused broadcast or presence
+ * change), `ended` (SubscriptionError|null).
  */
 export class Subscription extends Emitter {
   /**
    * @param {import("./connection.js").Client} client
    * @param {string} project
-   * @param {{cursor?: unknown, presence?: boolean}} [options]  `cursor`: a stored `subscription.cursor` to resume from; `presence`: watch the project's presence from the first subscribe
+   * @param {{cursor?: unknown, presence?: boolean, resources?: string[]|null}} [options]  `cursor`: a stored `subscription.cursor` to resume from; `presence`: watch the project's presence from the first subscribe; `resources`: only these resources' events (G10)
    */
   constructor(client, project, options = {}) {
     super();
@@ -35,14 +40,18 @@ export class Subscription extends Emitter {
     this.project = project;
     /** @type {import("./cursor.js").Cursor|null} */
     this._cursor = Cursor.parse(options.cursor);
+    /** @type {string[]|null} the resources asked for, fixed for the subscription's life; null: all */
+    this.resources = Filter.normalize(options.resources);
+    /** @type {string[]} of `resources`, those no table was tracked as at the last `subscribed` */
+    this.untracked = [];
     /** @type {"pending" | "subscribed" | "ended"} */
     this.state = "pending";
     /** @type {Map<number, object>} frames ahead of a gap, by order key */
     this._held = new Map();
     /** True between asking the relay to resend from the cursor and its `subscribed`. */
     this._refilling = false;
-    /** What the SDK corrected: frames dropped as duplicates, held back, gaps refilled, resets. */
-    this.stats = { delivered: 0, duplicates: 0, heldBack: 0, gapsRefilled: 0, resets: 0 };
+    /** What the SDK corrected: frames dropped as duplicates, held back, gaps refilled, resets; ranges passed over (filters). */
+    this.stats = { delivered: 0, duplicates: 0, heldBack: 0, gapsRefilled: 0, resets: 0, skipped: 0 };
     this._ready = new Promise((resolve, reject) => {
       this._resolveReady = resolve;
       this._rejectReady = reject;
@@ -128,6 +137,7 @@ export class Subscription extends Emitter {
   /** The `subscribe` frame that resumes from the cursor. */
   _subscribeFrame() {
     const frame = { action: "subscribe", project_id: this.project, ...Cursor.subscribeFields(this._cursor) };
+    if (this.resources) frame.resources = [...this.resources];
     if (this._presence) {
       frame.presence = true;
       this._presenceAsked = true;
@@ -190,7 +200,8 @@ export class Subscription extends Emitter {
     this._refilling = false;
     const first = this._cursor === null;
     if (first) this._cursor = Cursor.fromSubscribed(frame);
-    this.emit("subscribed", { seq: frame.seq });
+    this.untracked = this.resources && Array.isArray(frame.untracked) ? frame.untracked.map(String) : [];
+    this.emit("subscribed", { seq: frame.seq, resources: this.resources, untracked: this.untracked });
     if (first) this._resolveReady();
     this._drain();
     // Presence asked for after a subscribe without it: again, from the cursor, with it.
@@ -210,6 +221,22 @@ export class Subscription extends Emitter {
       return;
     }
     this._deliver(frame);
+    this._drain();
+  }
+
+  /** A `skipped` range: the relay passed over events the filter leaves out. */
+  _onSkipped(frame) {
+    if (this.ended || this._cursor === null || !Cursor.isSkipped(frame)) return;
+    const where = Cursor.placeSkipped(this._cursor, frame);
+    if (where === "duplicate") {
+      this.stats.duplicates++;
+      return;
+    }
+    if (where === "ahead") {
+      this._hold(frame);
+      return;
+    }
+    this._skip(frame);
     this._drain();
   }
 
@@ -246,9 +273,28 @@ export class Subscription extends Emitter {
   }
 
   _deliver(frame) {
+    if (!Filter.wants(this.resources, frame.resource)) {
+      // A relay that does not filter (older than G10) sent it: passed over
+      // here, as the relay would have.
+      this._skip(frame);
+      return;
+    }
     this._cursor = Cursor.afterEvent(frame);
     this.stats.delivered++;
     this.emit("event", frame);
+  }
+
+  /** Moves the cursor over a range with nothing for the app (a `skipped` frame, or an event the filter leaves out). */
+  _skip(frame) {
+    const after = Cursor.position(this._cursor);
+    this._cursor = frame.type === "skipped" ? Cursor.afterSkipped(frame) : Cursor.afterEvent(frame);
+    this.stats.skipped++;
+    this.emit("skipped", { after, seq: Cursor.position(this._cursor) });
+  }
+
+  /** Where a frame (an event or a `skipped` range) stands relative to the cursor. */
+  _place(frame) {
+    return frame.type === "skipped" ? Cursor.placeSkipped(this._cursor, frame) : Cursor.place(this._cursor, frame);
   }
 
   /** Hands over held-back frames that have become next. */
@@ -257,17 +303,21 @@ export class Subscription extends Emitter {
     const keys = [...this._held.keys()].sort((a, b) => a - b);
     for (const key of keys) {
       const frame = this._held.get(key);
-      const where = Cursor.place(this._cursor, frame);
+      const where = this._place(frame);
       if (where === "ahead") break;
       this._held.delete(key);
-      if (where === "next") this._deliver(frame);
-      else this.stats.duplicates++;
+      if (where !== "next") this.stats.duplicates++;
+      else if (frame.type === "skipped") this._skip(frame);
+      else this._deliver(frame);
     }
   }
 
   _hold(frame) {
     const key = Cursor.orderKey(frame);
-    if (this._held.has(key)) {
+    const held = this._held.get(key);
+    if (held) {
+      // Two ranges to one end: the wider one is the more useful.
+      if (frame.type === "skipped" && held.type === "skipped" && frame.after < held.after) this._held.set(key, frame);
       this.stats.duplicates++;
       return;
     }

@@ -1,12 +1,13 @@
 // The SDK in Node against the real relay binary and a private Postgres:
 // exactly once in order across forced disconnects and relay restarts,
 // reset after trimming, backoff bounds and the stop on fatal codes, token
-// refresh, outbox retries and the lack of them.
+// refresh, outbox retries and the lack of them; subscriptions narrowed to
+// some resources (G10) and a collection over one.
 
 import { test, before, after, afterEach } from "node:test";
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
-import { Client, ChatApi, Outbox, collection, invalidateOn, AuthError, ConnectionError, SubscriptionError } from "../src/index.js";
+import { Client, ChatApi, Outbox, collection, invalidateOn, AuthError, ConnectionError, PgRelayError, SubscriptionError } from "../src/index.js";
 import { Postgres, Relay, Proxy, seed, token, until, sleep, insertLoop, tally, output, freePort } from "./harness.js";
 
 let pg;
@@ -494,4 +495,166 @@ test("presence: two tabs of one user join, update and leave; joined again after 
   assert.deepEqual([...bob.sub.presence.members.keys()].sort(), ["alice", "bob"]);
   assert.deepEqual([...tab1.sub.presence.members.keys()].sort(), ["alice", "bob"]);
   results.presence = { aliceOnBob: seen, afterRestart: await rows(), sockets: [tab1.client.stats.sockets, bob.client.stats.sockets] };
+});
+
+// ---- resource filters (G10) ---------------------------------------------------
+
+/** A second tracked table, `task`, beside chat's `message`. */
+async function trackTasks(db) {
+  await pg.psql(
+    db,
+    `CREATE TABLE public.tasks (id bigserial PRIMARY KEY, project_id text NOT NULL, title text);
+     SELECT relay.enable('public.tasks', 'task', 'project_id', 'id')`,
+  );
+}
+
+/** `n` rounds of one message then two tasks in `p` (each its own transaction), `pauseMs` apart, from psql. */
+function mixLoop(db, n, pauseMs = 0, prefix = "m") {
+  return pg.psql(
+    db,
+    `DO $$ BEGIN FOR i IN 1..${n} LOOP
+       INSERT INTO chat.messages (project_id, sender_id, body) VALUES ('p', 'bob', '${prefix}' || i); COMMIT;
+       INSERT INTO public.tasks (project_id, title) VALUES ('p', 't' || i || 'a'), ('p', 't' || i || 'b'); COMMIT;
+       PERFORM pg_sleep(${pauseMs / 1000}); END LOOP; END $$`,
+  );
+}
+
+/** The seqs of `resources`' events in `p` after `after`, from the log. */
+async function seqsOf(db, resources, after) {
+  const names = resources.map((r) => `'${r}'`).join(", ");
+  return (await pg.psql(db, `SELECT seq FROM relay.events WHERE scope = 'p' AND resource IN (${names}) AND seq > ${after} ORDER BY seq`)).map(Number);
+}
+
+async function latestSeq(db) {
+  return Number((await pg.psql(db, "SELECT coalesce(max(seq), 0) FROM relay.events WHERE scope = 'p'"))[0]);
+}
+
+/**
+ * What a filtered subscription hands the app: its events' seqs and
+ * resources, every seq it accounted for (an event's, or each of a skipped
+ * range's), its `subscribed` infos, and the cursor as an app would store
+ * it, after every event and every skipped range.
+ */
+function view(sub) {
+  const v = { seqs: [], resources: [], covered: [], infos: [], stored: null };
+  const store = () => (v.stored = JSON.stringify(sub.cursor));
+  sub.on("subscribed", (info) => v.infos.push(info));
+  sub.on("event", (e) => {
+    v.seqs.push(e.seq);
+    v.resources.push(e.resource);
+    v.covered.push(e.seq);
+    store();
+  });
+  sub.on("skipped", (s) => {
+    for (let seq = s.after + 1; seq <= s.seq; seq++) v.covered.push(seq);
+    store();
+  });
+  return v;
+}
+
+const seqRange = (from, to) => Array.from({ length: Math.max(0, to - from + 1) }, (_, i) => from + i);
+
+test("a filtered subscription gets exactly its resources, once each, in order, across cuts and a relay restart; skipped moves the stored cursor", async () => {
+  const { db, relay } = await setup();
+  await trackTasks(db);
+  const proxy = track(await Proxy.start(relay.port));
+  const client = track(new Client({ url: proxy.ws, token: () => token("alice"), ...quick }));
+  const sub = client.subscribe("p", { resources: ["message"] });
+  const messages = view(sub);
+  // Another view of the project, on its own connection: tasks, and a resource no table is tracked as.
+  const other = track(new Client({ url: relay.ws, token: () => token("bob"), ...quick }));
+  const tasksSub = other.subscribe("p", { resources: ["task", "invoice"] });
+  const tasks = view(tasksSub);
+  await Promise.all([sub.ready(), tasksSub.ready()]);
+  assert.deepEqual(messages.infos[0].untracked, []);
+  assert.deepEqual(tasks.infos[0], { seq: tasksSub.cursor.seq, resources: ["task", "invoice"], untracked: ["invoice"] });
+  assert.deepEqual(tasksSub.untracked, ["invoice"]);
+  const start = sub.cursor.seq;
+  const tasksStart = tasksSub.cursor.seq;
+
+  const writing = mixLoop(db, 150, 10);
+  let done = false;
+  void writing.finally(() => (done = true));
+  let rounds = 0;
+  let restartedWhileWriting = false;
+  while (!done) {
+    await sleep(300);
+    proxy.cut();
+    if (++rounds === 2) {
+      restartedWhileWriting = !done;
+      await relay.restart(); // SIGTERM: 1001, both clients resume with their filters
+    }
+  }
+  await writing;
+  const latest = await latestSeq(db);
+  await until(() => sub.cursor.seq === latest && tasksSub.cursor.seq === latest, "both cursors at the latest event (the last is a task)");
+  await sleep(300); // room for a late duplicate to show
+  const expected = await seqsOf(db, ["message"], start);
+  assert.equal(expected.length, 150);
+  assert.deepEqual(messages.seqs, expected, "every message once, in order");
+  assert.deepEqual([...new Set(messages.resources)], ["message"], "nothing else");
+  assert.deepEqual(messages.covered, seqRange(start + 1, latest), "every seq accounted for once: an event or a skipped range");
+  assert.deepEqual(tasks.seqs, await seqsOf(db, ["task"], tasksStart));
+  assert.deepEqual([...new Set(tasks.resources)], ["task"]);
+  assert.deepEqual(tasks.covered, seqRange(tasksStart + 1, latest));
+  assert.ok(sub.stats.skipped >= 150, `skipped ${sub.stats.skipped}`);
+  assert.deepEqual(JSON.parse(messages.stored), sub.cursor, "the cursor stored on the last skipped range");
+  assert.ok(proxy.cuts >= 3 && client.stats.sockets >= 4, `cuts ${proxy.cuts}, sockets ${client.stats.sockets}`);
+  results.filtered = { messages: messages.seqs.length, latest, cuts: proxy.cuts, restartedWhileWriting, sockets: client.stats.sockets, sdk: sub.stats, tasks: tasks.seqs.length };
+  client.close();
+
+  // Resumed later, from the stored cursor, on a new connection: every
+  // message written meanwhile, once, in order, and nothing else.
+  const stored = JSON.parse(messages.stored);
+  await mixLoop(db, 20, 0, "while away ");
+  const again = track(new Client({ url: relay.ws, token: () => token("alice"), ...quick }));
+  const resumed = again.subscribe("p", { resources: ["message"], cursor: stored });
+  const later = view(resumed);
+  const latest2 = await latestSeq(db);
+  await until(() => resumed.cursor?.seq === latest2, "the resumed cursor at the latest event");
+  await sleep(300);
+  assert.deepEqual(later.seqs, await seqsOf(db, ["message"], stored.seq));
+  assert.equal(later.seqs.length, 20);
+  assert.deepEqual([...new Set(later.resources)], ["message"]);
+  assert.deepEqual(later.covered, seqRange(stored.seq + 1, latest2));
+  results.filteredResume = { from: stored.seq, messages: later.seqs.length, latest: latest2, sdk: resumed.stats };
+});
+
+test("a collection over a filtered view equals the database, through a trim reset; a filter that leaves it out, or another filter, is refused", async () => {
+  const { db, relay } = await setup();
+  await trackTasks(db);
+  const proxy = track(await Proxy.start(relay.port));
+  const client = track(new Client({ url: proxy.ws, token: () => token("alice"), ...quick }));
+  const api = new ChatApi({ client });
+  const sub = client.subscribe("p", { resources: ["message"] });
+  const load = () => api.recentMessages("p", 500);
+  const messages = collection(client, "p", "message", { load, sort: (a, b) => a.seq - b.seq });
+  assert.equal(messages.subscription, sub, "the collection shares the filtered subscription");
+  assert.throws(() => collection(client, "p", "task", { load }), (e) => e instanceof PgRelayError && e.code === "filtered_out");
+  assert.throws(() => client.subscribe("p"), (e) => e instanceof PgRelayError && e.code === "filter_conflict");
+  assert.throws(() => client.subscribe("p", { resources: [] }), TypeError);
+  const got = view(sub);
+  const resets = [];
+  messages.on("reset", (r) => resets.push(r.reason));
+  await mixLoop(db, 20, 0, "before");
+  await messages.ready;
+  await until(async () => sub.cursor.seq === (await latestSeq(db)) && messages.size === 20, "the first 20 messages");
+  // Away while history is written, changed and trimmed: the resume gets a reset.
+  proxy.refuse();
+  await mixLoop(db, 30, 0, "gap");
+  await pg.psql(db, "DELETE FROM chat.messages WHERE body IN ('before1', 'gap1')");
+  await pg.psql(db, "UPDATE chat.messages SET body = 'edited', version = version + 1 WHERE body = 'gap2'");
+  await pg.psql(db, "SELECT relay.trim(0, '0 seconds', 100000)");
+  proxy.allow();
+  await until(() => resets.length > 0, "a reset");
+  await mixLoop(db, 5, 0, "after");
+  const rows = () => pg.psql(db, "SELECT id || ':' || version FROM chat.messages WHERE project_id = 'p' ORDER BY seq");
+  const expected = await rows();
+  const latest = await latestSeq(db);
+  await until(() => !messages.loading && messages.values().map((m) => `${m.id}:${m.version}`).join() === expected.join(), "the collection to equal the database");
+  await until(() => sub.cursor.seq === latest, "the cursor at the latest event");
+  assert.deepEqual(resets, ["history_trimmed"]);
+  assert.deepEqual([...new Set(got.resources)], ["message"], "only messages, before and after the reset");
+  assert.equal(expected.length, 53);
+  results.filteredCollection = { resets, rows: expected.length, collection: messages.size, sdk: sub.stats };
 });

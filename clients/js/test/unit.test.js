@@ -85,6 +85,97 @@ test("the cursor names its event: a resubscribe sends since_timestamp, a stored 
   assert.deepEqual(back._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 0 });
 });
 
+/** A filtered subscription (resources `message`) that records what the app is handed. */
+function filtered(cursor) {
+  const client = { resubscribes: 0, _resubscribe() { this.resubscribes++; }, _forget() {}, _resubscribeLater() {} };
+  const sub = new Subscription(client, "p", { cursor, resources: ["message"] });
+  const got = [];
+  sub.on("event", (f) => got.push(f.seq));
+  sub.on("skipped", (s) => got.push(`${s.after}..${s.seq}`));
+  return { sub, client, got };
+}
+const at = (seq) => `2026-11-24T08:00:00.${String(seq).padStart(6, "0")}Z`;
+const skip = (after, seq) => ({ type: "skipped", project_id: "p", after, seq, timestamp: at(seq) });
+
+test("a skipped range moves the cursor like an event; one that starts past the cursor is a gap", () => {
+  const { sub, client, got } = filtered(null);
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 10, timestamp: at(10), resources: ["message"], untracked: [] });
+  sub._onSkipped(skip(10, 12));
+  assert.deepEqual(sub.cursor, { seq: 12, timestamp: at(12) }, "the stored cursor names the skip's last event");
+  sub._onEvent({ ...ev(13), timestamp: at(13) });
+  sub._onSkipped(skip(10, 12)); // behind the cursor: a duplicate
+  // A range after 15 when the cursor is at 13: 14 and 15 are unaccounted for.
+  sub._onSkipped(skip(15, 18));
+  sub._onEvent(ev(19));
+  assert.equal(client.resubscribes, 1, "one gap, one resubscribe from the cursor");
+  assert.deepEqual(got, ["10..12", 13]);
+  assert.deepEqual(sub._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 13, since_timestamp: at(13), resources: ["message"] });
+  // The relay resends from 13, coalescing differently: 14..15 then 15..18 is
+  // held already; a range starting before the cursor but reaching past it counts.
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 19, timestamp: at(19), resources: ["message"], untracked: [] });
+  sub._onSkipped(skip(13, 15));
+  assert.deepEqual(got, ["10..12", 13, "13..15", "15..18", 19]);
+  sub._onSkipped(skip(18, 19)); // behind
+  sub._onSkipped(skip(17, 21)); // covers 20..21
+  sub._onEvent(ev(22));
+  assert.deepEqual(got, ["10..12", 13, "13..15", "15..18", 19, "19..21", 22]);
+  assert.equal(sub.stats.skipped, 4);
+  assert.equal(sub.stats.duplicates, 2);
+  assert.equal(sub.stats.delivered, 3);
+  // Stored and given back: the filter is the subscription's, the cursor resumes it.
+  const back = filtered(JSON.parse(JSON.stringify(sub.cursor))).sub;
+  assert.deepEqual(back._subscribeFrame(), { action: "subscribe", project_id: "p", since_seq: 22, resources: ["message"] });
+  // Malformed ranges are not placed (a gap shows them, and the refill replaces them).
+  for (const bad of [{ after: 22, seq: 22 }, { after: "22", seq: 30 }, { seq: 30 }]) sub._onSkipped({ type: "skipped", project_id: "p", ...bad });
+  assert.deepEqual(sub.cursor, { seq: 22 });
+});
+
+test("a filtered subscription passes over an event of another resource itself (a relay that does not filter)", () => {
+  const { sub, got } = filtered({ seq: 5 });
+  sub._onEvent(ev(6));
+  sub._onEvent({ ...ev(7), resource: "task" });
+  sub._onEvent({ ...ev(9), resource: "task" }); // ahead: held
+  sub._onEvent(ev(8));
+  assert.deepEqual(got, [6, "6..7", 8, "8..9"]);
+  assert.deepEqual(sub.cursor, { seq: 9 });
+});
+
+test("subscribed says which resources no table is tracked as; a filter is checked with the relay's rule", () => {
+  const { sub } = filtered(null);
+  const infos = [];
+  sub.on("subscribed", (i) => infos.push(i));
+  sub._onSubscribed({ type: "subscribed", project_id: "p", seq: 0, timestamp: null, resources: ["message"], untracked: ["message"] });
+  assert.deepEqual(infos, [{ seq: 0, resources: ["message"], untracked: ["message"] }]);
+  assert.deepEqual(sub.untracked, ["message"]);
+  assert.deepEqual(new Subscription({}, "p", { resources: ["a", "b.c-1", "a", "_x"] }).resources, ["a", "b.c-1", "_x"]);
+  assert.equal(new Subscription({}, "p", {}).resources, null);
+  const many = Array.from({ length: 33 }, (_, i) => `r${i}`);
+  for (const bad of [[], "message", [1], ["9lives"], ["a b"], ["r".repeat(65)], many]) {
+    assert.throws(() => new Subscription({}, "p", { resources: bad }), TypeError, JSON.stringify(bad));
+  }
+});
+
+test("one subscription per project per connection: the same filter shares it, another one is refused", () => {
+  const client = new sdk.Client({ url: "ws://127.0.0.1:9/ws", token: "t", WebSocket: function NoSocket() {}, autoConnect: false });
+  const sub = client.subscribe("p", { resources: ["message", "task"] });
+  assert.equal(client.subscribe("p", { resources: ["task", "message", "task"] }), sub, "the same set, in any order");
+  for (const other of [{ resources: ["message"] }, {}, { presence: true }]) {
+    assert.throws(() => client.subscribe("p", other), (e) => e instanceof sdk.PgRelayError && e.code === "filter_conflict", JSON.stringify(other));
+  }
+  assert.deepEqual(sub._subscribeFrame(), { action: "subscribe", project_id: "p", resources: ["message", "task"] });
+  // A collection shares the filtered subscription, and refuses a resource it leaves out.
+  const load = async () => [];
+  assert.equal(sdk.collection(client, "p", "task", { load }).subscription, sub);
+  assert.throws(() => sdk.collection(client, "p", "member", { load }), (e) => e.code === "filtered_out" && /member/.test(e.message));
+  // Unsubscribed, the project may be subscribed again with another filter.
+  sub.unsubscribe();
+  const all = client.subscribe("p");
+  assert.notEqual(all, sub);
+  assert.equal(all.resources, null);
+  assert.equal(sdk.collection(client, "p", "member", { load }).subscription, all);
+  client.close();
+});
+
 test("forbidden ends the subscription with a SubscriptionError; unavailable asks again", async () => {
   const { sub } = subscription({ seq: 1 });
   const errors = [];
