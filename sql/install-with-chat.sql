@@ -1131,7 +1131,7 @@ $$;
 
 -- relay.append's work, with a choice of keeping the row images as data
 -- (p_row_data) or only reading their scope and id from them (an id-only
--- event). relay.append is this with data; relay.capture_chosen calls it directly.
+-- event). relay.append is this with data; the capture triggers call it directly.
 CREATE OR REPLACE FUNCTION relay.append_rows(
     p_resource  text,
     p_action    text,
@@ -1207,17 +1207,65 @@ BEGIN
 END
 $$;
 
--- The capture trigger of a table with a deny-list or id-only events. A
--- table without a choice keeps V1's relay.capture, untouched, so its cost
--- does not move. TG_ARGV: resource, scope column, id column, 'all' or
--- 'except', 'row_data' or 'id_only', and the columns left out. Each row
--- image is cut as it is read, one jsonb key deletion (`- TG_ARGV[5:]`);
--- id-only events write no data. An insert runs V1's statements and no
--- others: in a PL/pgSQL trigger each statement costs a few thousand
--- instructions per transaction (its expression state is rebuilt). An
--- allow-list has a trigger of its own (relay.capture_allowed).
-CREATE OR REPLACE FUNCTION relay.capture_chosen() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+-- A table with a column choice gets a capture trigger function of its own,
+-- relay.capture_<table oid>, written by relay.enable with the choice in
+-- its text as constants. A table without a choice keeps V1's
+-- relay.capture, untouched, so its cost does not move.
+--
+-- Why generated: in a PL/pgSQL trigger each reference to the trigger's
+-- arguments in a query, and each statement, costs a few thousand
+-- instructions per transaction, more than cutting the image itself; with
+-- the choice as constants an insert runs V1's statements and no others
+-- (bench/capture-profile.sh: a deny-list costs its key deletion, an
+-- id-only event less than capturing every column). The function is
+-- recreated by every relay.enable call and dropped by relay.disable.
+--
+-- Each image is cut as it is read, from to_jsonb of the row (so a column
+-- added to the table later is in it, or not, by the same rule):
+--   except:  all but the listed columns (one jsonb key deletion);
+--   only:    the listed columns, the id and the scope, picked by name (a
+--            listed column dropped since shows as null until the next
+--            relay.enable);
+--   all + id-only: only the id and scope, read from the row directly.
+-- Id-only events write no data. Under a list, an UPDATE whose rows kept
+-- every chosen column is no event (relay.changed_images).
+CREATE OR REPLACE FUNCTION relay.create_capture(
+    p_table        regclass,
+    p_mode         text,
+    p_row_data     boolean,
+    p_columns      text[],
+    p_scope_column name,
+    p_id_column    name
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_name  text := format('relay.%I', 'capture_' || p_table::oid);
+    v_image text;
+    v_from  text;
+BEGIN
+    -- The image of a row of the transition table aliased r, as an
+    -- expression, and what it is selected from.
+    IF p_mode = 'except' THEN
+        v_image := format('to_jsonb(r) - %L::text[]', p_columns);
+        v_from := '%s r';
+    ELSIF p_mode = 'only' THEN
+        SELECT 'jsonb_build_object(' || string_agg(format('%L, d -> %L', c, c), ', ' ORDER BY i) || ')'
+        INTO v_image
+        FROM unnest(p_columns || ARRAY[p_id_column::text, p_scope_column::text]) WITH ORDINALITY AS u(c, i);
+        v_from := '%s r, LATERAL to_jsonb(r) AS d';
+    ELSIF NOT p_row_data THEN
+        v_image := format('jsonb_build_object(%L, r.%I, %L, r.%I)',
+                          p_id_column, p_id_column, p_scope_column, p_scope_column);
+        v_from := '%s r';
+    ELSE
+        RAISE EXCEPTION 'relay.create_capture: no choice to make a function for (%)', p_table
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    EXECUTE format($f$
+CREATE OR REPLACE FUNCTION %1$s() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+-- Written by relay.enable for %2$s (column choice %3$s, %4$s): do not
+-- edit, call relay.enable again. TG_ARGV: resource, scope column, id column.
 DECLARE
     v_rows   jsonb[];
     v_new    jsonb[];
@@ -1229,83 +1277,48 @@ DECLARE
     v_notice text;
     v_void   text;
 BEGIN
-    -- DELETE events carry the row as it was; INSERT and UPDATE the row as
-    -- it is after the change.
     IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(to_jsonb(n) - TG_ARGV[5:TG_NARGS]) INTO v_rows FROM relay_new_rows n;
+        SELECT array_agg(%5$s) INTO v_rows FROM %6$s;
     ELSIF TG_OP = 'DELETE' THEN
-        SELECT array_agg(to_jsonb(o) - TG_ARGV[5:TG_NARGS]) INTO v_rows FROM relay_old_rows o;
+        SELECT array_agg(%5$s) INTO v_rows FROM %7$s;
     ELSE
-        SELECT array_agg(to_jsonb(n) - TG_ARGV[5:TG_NARGS]) INTO v_new FROM relay_new_rows n;
-        SELECT array_agg(to_jsonb(o) - TG_ARGV[5:TG_NARGS]) INTO v_old FROM relay_old_rows o;
-        v_rows := CASE WHEN TG_ARGV[3] = 'except' THEN relay.changed_images(v_new, v_old) ELSE v_new END;
+        SELECT array_agg(%5$s) INTO v_new FROM %6$s;
+        SELECT array_agg(%5$s) INTO v_old FROM %7$s;
+        v_rows := %8$s;
         v_moved := relay.moved_images(v_new, v_old, TG_ARGV[1], TG_ARGV[2]);
     END IF;
     IF cardinality(v_rows) = 1 THEN
-        -- One row, the common case: relay.append_rows' three steps without
-        -- its set machinery or the call itself, about a tenth of the cost
-        -- of a captured single-row insert.
         v_one := v_rows[1];
         v_scope := v_one ->> TG_ARGV[1];
         IF v_scope IS NULL OR length(v_scope) > 256 THEN
-            -- relay.append_rows owns the error message; it raises here.
             PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_rows, true);
         END IF;
         INSERT INTO relay.scope_counter AS c (scope, last_seq) VALUES (v_scope, 1)
         ON CONFLICT (scope) DO UPDATE SET last_seq = c.last_seq + 1
         RETURNING c.last_seq INTO v_seq;
         INSERT INTO relay.events AS e (scope, seq, resource, action, row_id, data)
-        VALUES (v_scope, v_seq, TG_ARGV[0], TG_OP, v_one ->> TG_ARGV[2],
-                CASE WHEN TG_ARGV[4] = 'id_only' THEN NULL ELSE v_one END)
+        VALUES (v_scope, v_seq, TG_ARGV[0], TG_OP, v_one ->> TG_ARGV[2], %9$s)
         RETURNING relay.render(e, false) INTO v_notice;
-        -- An assignment, not PERFORM: a plain expression skips the executor.
         v_void := pg_notify(relay.channel(), v_notice)::text;
     ELSIF v_rows IS NOT NULL THEN
-        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_rows,
-                                  TG_ARGV[4] IS DISTINCT FROM 'id_only');
+        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], v_rows, %10$s);
     END IF;
     IF v_moved IS NOT NULL THEN
-        PERFORM relay.append_rows(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2], v_moved,
-                                  TG_ARGV[4] IS DISTINCT FROM 'id_only');
+        PERFORM relay.append_rows(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2], v_moved, %10$s);
     END IF;
     RETURN NULL;
 END
-$$;
-
--- The capture trigger of a table with an allow-list. TG_ARGV as for
--- relay.capture_chosen, with 'only' and the columns kept (the id and scope are
--- always kept). Every statement goes through relay.append_rows.
-CREATE OR REPLACE FUNCTION relay.capture_allowed() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    v_cols  text[] := TG_ARGV[5:TG_NARGS] || TG_ARGV[1:2];
-    v_data  boolean := TG_ARGV[4] IS DISTINCT FROM 'id_only';
-    v_new   jsonb[];
-    v_old   jsonb[];
-BEGIN
-    IF TG_OP <> 'DELETE' THEN
-        SELECT array_agg(relay.pick_columns(to_jsonb(n), v_cols)) INTO v_new FROM relay_new_rows n;
-    END IF;
-    IF TG_OP <> 'INSERT' THEN
-        SELECT array_agg(relay.pick_columns(to_jsonb(o), v_cols)) INTO v_old FROM relay_old_rows o;
-    END IF;
-    IF TG_OP = 'UPDATE' THEN
-        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2],
-                                  relay.changed_images(v_new, v_old), v_data),
-                relay.append_rows(TG_ARGV[0], 'DELETE', TG_ARGV[1], TG_ARGV[2],
-                                  relay.moved_images(v_new, v_old, TG_ARGV[1], TG_ARGV[2]), v_data);
-    ELSE
-        PERFORM relay.append_rows(TG_ARGV[0], TG_OP, TG_ARGV[1], TG_ARGV[2], coalesce(v_new, v_old), v_data);
-    END IF;
-    RETURN NULL;
+$body$
+$f$,
+        v_name, p_table, p_mode, CASE WHEN p_row_data THEN 'row data' ELSE 'id-only' END,
+        v_image, format(v_from, 'relay_new_rows'), format(v_from, 'relay_old_rows'),
+        CASE WHEN p_mode = 'all' THEN 'v_new' ELSE 'relay.changed_images(v_new, v_old)' END,
+        CASE WHEN p_row_data THEN 'v_one' ELSE 'NULL' END,
+        CASE WHEN p_row_data THEN 'true' ELSE 'false' END);
+    RETURN v_name;
 END
 $$;
-
--- An allow-list's image: only the columns named that the row has.
-CREATE OR REPLACE FUNCTION relay.pick_columns(p_image jsonb, p_columns text[]) RETURNS jsonb
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-    SELECT coalesce(jsonb_object_agg(k, p_image -> k), '{}') FROM unnest(p_columns) AS k WHERE p_image ? k
-$$;
+REVOKE EXECUTE ON FUNCTION relay.create_capture(regclass, text, boolean, text[], name, name) FROM PUBLIC;
 
 -- Of an UPDATE's new images (cut to a column list), those that differ from
 -- every old image: a row whose chosen columns (id and scope included) are
@@ -1343,6 +1356,32 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     FROM unnest(p_old) WITH ORDINALITY AS o(d, ord), new
     WHERE new.keys IS NULL
        OR NOT new.keys ? (coalesce(o.d ->> p_id_col, '') || chr(31) || coalesce(o.d ->> p_scope_col, ''))
+$$;
+
+-- relay.disable (see V1) also drops the table's own capture function, and
+-- any left by tables dropped since (their triggers went with them).
+CREATE OR REPLACE FUNCTION relay.disable(p_table regclass) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_trigger  name;
+    v_function regprocedure;
+BEGIN
+    FOR v_trigger IN
+        SELECT t.tgname FROM pg_trigger t
+        WHERE t.tgrelid = p_table
+          AND t.tgname IN ('relay_capture_insert', 'relay_capture_update',
+                           'relay_capture_delete', 'relay_refuse_truncate')
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', v_trigger, p_table);
+    END LOOP;
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+        WHERE p.pronamespace = 'relay'::regnamespace AND p.proname ~ '^capture_[0-9]+$'
+          AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgfoid = p.oid)
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', v_function);
+    END LOOP;
+END
 $$;
 
 -- relay.enable gains the column choice. A NULL (the default) keeps the
@@ -1462,12 +1501,10 @@ BEGIN
              WITH ORDINALITY AS u(a, i);
     END IF;
 
-    -- No choice: V1's relay.capture; an allow-list and other choices have
-    -- trigger functions of their own (see relay.capture_chosen).
-    v_function := CASE WHEN v_mode = 'only' THEN 'relay.capture_allowed'
-                       WHEN v_mode = 'except' OR NOT v_data THEN 'relay.capture_chosen'
-                       ELSE 'relay.capture' END;
     PERFORM relay.disable(p_table);
+    -- No choice: V1's relay.capture; a choice: the table's own function.
+    v_function := CASE WHEN v_mode = 'all' AND v_data THEN 'relay.capture'
+                       ELSE relay.create_capture(p_table, v_mode, v_data, v_cols, p_scope_column, p_id_column) END;
     EXECUTE format('CREATE TRIGGER relay_capture_insert AFTER INSERT ON %s '
                    'REFERENCING NEW TABLE AS relay_new_rows FOR EACH STATEMENT '
                    'EXECUTE FUNCTION %s(%s)', p_table, v_function, v_args);
@@ -1915,7 +1952,7 @@ INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (3, 'any_writer', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '7877633024837939909') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (4, 'divergence', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '855355579928818812') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (5, 'signals', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '17203773715640258115') ON CONFLICT (version) DO NOTHING;
-INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (6, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '12077693040988182769') ON CONFLICT (version) DO NOTHING;
+INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (6, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '10920328037763151926') ON CONFLICT (version) DO NOTHING;
 CREATE TABLE IF NOT EXISTS refinery_schema_history_chat(version int4 PRIMARY KEY, name varchar(255), applied_on varchar(255), checksum varchar(255));
 INSERT INTO refinery_schema_history_chat (version, name, applied_on, checksum) VALUES (1, 'chat', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '1948719536171790834') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history_chat (version, name, applied_on, checksum) VALUES (2, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '13740798720412002494') ON CONFLICT (version) DO NOTHING;

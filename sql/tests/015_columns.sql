@@ -19,7 +19,10 @@
 --   shows each choice;
 -- - unknown columns (42703), both lists (22023), an excluded id or scope
 --   column (22023) and a NULL in a list (22004) are refused and leave the
---   table's choice as it was.
+--   table's choice as it was;
+-- - a choice gives the table a capture function of its own, written with
+--   column names that need quoting, and dropped when the choice or the
+--   tracking ends.
 --
 -- Run: psql -X -v ON_ERROR_STOP=1 -q -f 015_columns.sql postgresql://...
 -- Everything is done in one transaction that is rolled back.
@@ -130,6 +133,17 @@ BEGIN
     ASSERT NOT EXISTS (SELECT 1 FROM relay.events WHERE scope = v_s AND data::text LIKE '%SECRET%'),
         'deny-list: an excluded value reached relay.events';
 
+    -- A row moved to another scope under a deny-list: its old scope gets a
+    -- DELETE, its new one the UPDATE, both cut.
+    v_from := pg_temp.latest();
+    UPDATE sqltest_accounts SET project_id = v_s || '-moved' WHERE name = 'user3';
+    ASSERT (SELECT array_agg(action || ':' || (data ? 'pw_hash')::text ORDER BY seq) FROM relay.events
+            WHERE scope = v_s AND seq > v_from) = ARRAY['DELETE:false'],
+        'a move under a deny-list: expected one cut DELETE in the old scope';
+    ASSERT (SELECT array_agg(action || ':' || (data ? 'pw_hash')::text) FROM relay.events
+            WHERE scope = v_s || '-moved') = ARRAY['UPDATE:false'],
+        'a move under a deny-list: expected one cut UPDATE in the new scope';
+
     -- Re-running relay.enable without a choice keeps it (it never widens).
     PERFORM relay.enable('sqltest_accounts', 'account');
     v_from := pg_temp.latest();
@@ -216,6 +230,14 @@ BEGIN
     ASSERT (SELECT column_choice FROM relay.tracked_columns
             WHERE table_name = 'sqltest_accounts'::regclass) = 'all',
         'p_exclude_columns => {}: relay.tracked_columns shows all';
+    -- Without a choice the table is back on relay.capture, and its own
+    -- capture function is gone.
+    ASSERT (SELECT array_agg(DISTINCT tgfoid::regproc::text) FROM pg_trigger
+            WHERE tgrelid = 'sqltest_accounts'::regclass AND tgname LIKE 'relay_capture_%')
+           = ARRAY['relay.capture'],
+        'without a choice: expected the triggers to run relay.capture';
+    ASSERT to_regproc('relay.capture_' || 'sqltest_accounts'::regclass::oid) IS NULL,
+        'without a choice: expected the table''s own capture function dropped';
 END
 $$;
 
@@ -273,11 +295,49 @@ BEGIN
 END
 $$;
 
+----------------------------------------------------------------------------
+-- Column names that need quoting, in both lists; relay.disable drops the
+-- table's own capture function.
+----------------------------------------------------------------------------
+
+CREATE TEMP TABLE sqltest_odd (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    project_id  text NOT NULL,
+    "Odd, Name" text,
+    "it's"      text,
+    "x}{"       text
+);
+
+DO $$
+DECLARE
+    v_start bigint := pg_temp.latest();
+    v_from  bigint := v_start;
+    v_s     text := current_setting('sqltest.s1');
+BEGIN
+    PERFORM relay.enable('sqltest_odd', 'odd', p_exclude_columns => ARRAY['Odd, Name', 'x}{']);
+    INSERT INTO sqltest_odd (project_id, "Odd, Name", "it's", "x}{") VALUES (v_s, 'SECRET-A', 'kept', 'SECRET-B');
+    ASSERT pg_temp.keys_after(v_from) = ARRAY['id,it''s,project_id'],
+        format('odd names, deny-list: found %s', pg_temp.keys_after(v_from));
+    PERFORM relay.enable('sqltest_odd', 'odd', p_columns => ARRAY['Odd, Name', 'it''s']);
+    v_from := pg_temp.latest();
+    INSERT INTO sqltest_odd (project_id, "Odd, Name", "it's", "x}{") VALUES (v_s, 'a', 'b', 'SECRET-C');
+    ASSERT pg_temp.keys_after(v_from) = ARRAY['Odd, Name,id,it''s,project_id'],
+        format('odd names, allow-list: found %s', pg_temp.keys_after(v_from));
+    ASSERT NOT pg_temp.rendered_holds(v_start, 'SECRET'), 'odd names: a left-out value was sent';
+    ASSERT to_regproc('relay.capture_' || 'sqltest_odd'::regclass::oid) IS NOT NULL,
+        'a choice: expected the table''s own capture function';
+    PERFORM relay.disable('sqltest_odd');
+    ASSERT to_regproc('relay.capture_' || 'sqltest_odd'::regclass::oid) IS NULL,
+        'relay.disable: expected the table''s own capture function dropped';
+END
+$$;
+
 ROLLBACK;
 
 DO $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM relay.events WHERE scope = current_setting('sqltest.s1')) THEN
+    IF EXISTS (SELECT 1 FROM relay.events WHERE scope IN (current_setting('sqltest.s1'),
+                                                          current_setting('sqltest.s1') || '-moved')) THEN
         RAISE EXCEPTION 'after ROLLBACK, expected nothing left of scope %', current_setting('sqltest.s1');
     END IF;
 END
