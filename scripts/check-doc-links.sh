@@ -17,8 +17,9 @@ shopt -s nullglob
 
 if (($#)); then files=("$@"); else files=(README.md docs/*.md); fi
 
-# Named in the docs but kept outside this repository.
-external_names=" DESIGN.md FIELD-NOTES.md STYLE.md "
+# Named in the docs but kept outside this repository: none. The docs point
+# only at what a clone holds (the contract included: docs/how-it-works.md).
+external_names=" "
 
 # Every file of the repository (for bare names), without build output.
 repo_files=$(find . -path ./target -prune -o -path ./.git -prune -o -type f -print | sed 's|.*/||' | sort -u)
