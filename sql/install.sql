@@ -1069,12 +1069,15 @@ REVOKE EXECUTE ON FUNCTION relay.grant_publisher(regrole) FROM PUBLIC;
 -- from the row image inside the capture trigger, before anything is
 -- written, so they never reach relay.events, the notice or any client.
 --
--- The choice lives in the capture triggers' own arguments, not in a table:
--- the capture trigger reads TG_ARGV at no cost, where a settings table would cost
--- every captured statement one more lookup; and the choice changes with
--- the triggers in one transaction (relay.enable re-creates them), so it
--- takes effect for the next statement, with no relay restart. A table
--- without a choice keeps today's three arguments and today's code path.
+-- The choice lives with the capture triggers, not in a table that every
+-- captured statement would have to read: a table with a choice gets a
+-- capture function of its own with the choice written in as constants
+-- (relay.create_capture), and its triggers carry the choice as arguments
+-- too, for relay.tracked_columns and the next relay.enable. The choice
+-- changes with the triggers in one transaction (relay.enable re-creates
+-- them), so it takes effect for the next statement, with no relay
+-- restart. A table without a choice keeps today's three arguments and
+-- V1's relay.capture.
 --
 -- Trigger arguments: resource, scope column, id column, then, when a
 -- choice is made: 'all' | 'only' | 'except', 'row_data' | 'id_only', and
@@ -1546,5 +1549,5 @@ INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (3, 'any_writer', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '7877633024837939909') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (4, 'divergence', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '855355579928818812') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (5, 'signals', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '17203773715640258115') ON CONFLICT (version) DO NOTHING;
-INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (6, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '10920328037763151926') ON CONFLICT (version) DO NOTHING;
+INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (6, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '16286559805247547857') ON CONFLICT (version) DO NOTHING;
 COMMIT;
