@@ -4,7 +4,7 @@
 #     folder, and its #anchor (if any) to a heading of the target page;
 #   - every repository path they name, in backticks, code blocks or prose
 #     (src/..., tests/..., sql/..., bench/..., docs/..., migrations/...,
-#     scripts/..., clients/..., .ci/...), exists; a path with * must match
+#     scripts/..., clients/..., ops/..., .ci/...), exists; a path with * must match
 #     something;
 #   - every bare file name in backticks (`openapi.yaml`, `Dockerfile`,
 #     `V1__relay.sql`, `latency-*.svg`) exists somewhere in the repository.
@@ -100,7 +100,7 @@ for md in "${files[@]}"; do
         path=${path%%[.,;:)]}
         path=${path%%[.,;:)]}
         exists "$path" || report "$md" "$line" "path $path: no such file or folder"
-    done < <(sed -E 's/\]\([^)[:space:]]*\)/]()/g' "$md" | grep -noE '(^|[^A-Za-z0-9_./~-])(src|tests|sql|bench|docs|migrations|scripts|clients|\.ci)/[A-Za-z0-9_./*-]*' |
+    done < <(sed -E 's/\]\([^)[:space:]]*\)/]()/g' "$md" | grep -noE '(^|[^A-Za-z0-9_./~-])(src|tests|sql|bench|docs|migrations|scripts|clients|ops|\.ci)/[A-Za-z0-9_./*-]*' |
         sed -E 's/^([0-9]+):[^A-Za-z.]*/\1:/')
 
     # 3. Bare file names in backticks.

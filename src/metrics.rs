@@ -5,13 +5,18 @@
 //! increment on the delivery path is one relaxed atomic add.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// Upper bounds (seconds) of the commit-to-send delay histogram.
 const DELAY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// The `reason` label values of `pgrelay_resets_sent_total`: the relay's
+/// reset reasons (`relay::protocol::reset_reason::ALL`, which a test holds
+/// this to), listed here so that metrics imports nothing from the relay.
+const RESET_REASONS: [&str; 3] = ["history_trimmed", "seq_ahead", "history_diverged"];
 
 /// A Prometheus histogram with fixed buckets, lock-free.
 #[derive(Default)]
@@ -97,8 +102,12 @@ pub struct Metrics {
     pub listener_reconnects: AtomicU64,
     /// 1 while LISTENing with a proven connection.
     pub listening: AtomicI64,
-    /// `reset` frames sent.
+    /// `reset` frames sent, over all reasons (tests read it directly).
     pub resets_sent: AtomicU64,
+    /// `reset` frames sent, by reason (indexed like [`RESET_REASONS`]), so
+    /// an operator tells trimmed history (clients offline too long) from
+    /// lost history (a failover or restore).
+    pub resets_by_reason: [AtomicU64; RESET_REASONS.len()],
     /// Topics whose ring the event log disowned (it lost history the
     /// relay had read: a failover or a restore).
     pub divergences: AtomicU64,
@@ -129,6 +138,14 @@ pub struct Metrics {
     pub retention_runs: AtomicU64,
     /// Events deleted from the log by this relay's trim runs.
     pub events_trimmed: AtomicU64,
+    /// When this relay's last trim run ended without error, seconds since
+    /// the epoch (0: none yet). The one figure that tells "retention stopped"
+    /// (a lost grant, a failing `relay.trim`) from "nothing to trim".
+    pub retention_last_success_unix: AtomicI64,
+    /// Set by the retention job when it starts: with retention off
+    /// (`PGRELAY_NO_RETENTION`) the timestamp above is not rendered, so an
+    /// alert on it does not fire for a choice.
+    pub retention_enabled: AtomicBool,
     /// Age of the oldest event kept in the log, in milliseconds, as of
     /// this relay's last trim run (0 before one, or with an empty log).
     pub oldest_event_age_ms: AtomicI64,
@@ -359,6 +376,15 @@ impl Metrics {
         self.revocations_by_cause[cause as usize].fetch_add(1, Relaxed);
     }
 
+    /// Counts one `reset` frame sent for `reason` (one of
+    /// `relay::protocol::reset_reason`).
+    pub fn reset_sent(&self, reason: &str) {
+        self.resets_sent.fetch_add(1, Relaxed);
+        if let Some(i) = RESET_REASONS.iter().position(|r| *r == reason) {
+            self.resets_by_reason[i].fetch_add(1, Relaxed);
+        }
+    }
+
     /// Subscriptions ended because a re-check found access revoked, over
     /// all causes.
     pub fn revocations_total(&self) -> u64 {
@@ -457,7 +483,19 @@ impl Metrics {
                 );
             }
         }
-        let counters: [(&str, &AtomicU64, &str); 23] = [
+        let _ = writeln!(
+            out,
+            "# HELP pgrelay_resets_sent_total Reset frames sent, by reason.\n\
+             # TYPE pgrelay_resets_sent_total counter"
+        );
+        for (reason, value) in RESET_REASONS.iter().zip(&self.resets_by_reason) {
+            let _ = writeln!(
+                out,
+                "pgrelay_resets_sent_total{{reason=\"{reason}\"}} {}",
+                value.load(Relaxed)
+            );
+        }
+        let counters: [(&str, &AtomicU64, &str); 22] = [
             (
                 "catchup_deferred_total",
                 &self.catchup_deferred,
@@ -563,7 +601,6 @@ impl Metrics {
                 &self.listener_reconnects,
                 "Times the LISTEN connection was established and proven.",
             ),
-            ("resets_sent_total", &self.resets_sent, "Reset frames sent."),
             (
                 "client_errors_total",
                 &self.client_errors,
@@ -591,6 +628,15 @@ impl Metrics {
              # TYPE pgrelay_oldest_event_age_seconds gauge\npgrelay_oldest_event_age_seconds {}",
             self.oldest_event_age_ms.load(Relaxed) as f64 / 1000.0
         );
+        if self.retention_enabled.load(Relaxed) {
+            let _ = writeln!(
+                out,
+                "# HELP pgrelay_retention_last_success_timestamp_seconds When this relay's last trim run succeeded (0: none yet).\n\
+                 # TYPE pgrelay_retention_last_success_timestamp_seconds gauge\n\
+                 pgrelay_retention_last_success_timestamp_seconds {}",
+                self.retention_last_success_unix.load(Relaxed)
+            );
+        }
         if let Some(usage) = queue_usage {
             let _ = writeln!(
                 out,
@@ -622,10 +668,33 @@ mod tests {
     }
 
     #[test]
+    fn resets_are_labelled_with_every_reason_the_relay_sends() {
+        assert_eq!(RESET_REASONS, crate::relay::protocol::reset_reason::ALL);
+        let m = Metrics::default();
+        m.reset_sent(crate::relay::protocol::reset_reason::SEQ_AHEAD);
+        let text = m.render(None);
+        assert!(text.contains("pgrelay_resets_sent_total{reason=\"seq_ahead\"} 1"));
+        assert!(text.contains("pgrelay_resets_sent_total{reason=\"history_trimmed\"} 0"));
+        assert_eq!(m.resets_sent.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn retention_timestamp_only_where_retention_runs() {
+        let m = Metrics::default();
+        let name = "pgrelay_retention_last_success_timestamp_seconds";
+        assert!(!m.render(None).contains(name));
+        m.retention_enabled.store(true, Relaxed);
+        m.retention_last_success_unix.store(1_700_000_000, Relaxed);
+        assert!(m.render(None).contains(&format!("\n{name} 1700000000\n")));
+    }
+
+    #[test]
     fn every_line_is_a_comment_or_a_sample() {
         let m = Metrics::default();
-        // The JWKS lines are rendered only once a JWKS was fetched.
+        // The JWKS lines are rendered only once a JWKS was fetched, the
+        // retention timestamp only where retention runs.
         m.jwks.fetches.store(1, Relaxed);
+        m.retention_enabled.store(true, Relaxed);
         let text = m.render(Some(0.0));
         for line in text.lines() {
             assert!(

@@ -77,6 +77,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    metrics.retention_enabled.store(true, Relaxed);
     let mut leader: Option<Client> = None;
     loop {
         if leader.as_ref().is_some_and(Client::is_closed) {
@@ -91,10 +92,14 @@ pub async fn run(
         }
         if let Some(client) = &leader {
             match trim_run(client, &config, &metrics, &shutdown).await {
-                Ok(deleted) if deleted > 0 => {
-                    tracing::info!(deleted, "trimmed the event log");
+                Ok(deleted) => {
+                    metrics
+                        .retention_last_success_unix
+                        .store(unix_now(), Relaxed);
+                    if deleted > 0 {
+                        tracing::info!(deleted, "trimmed the event log");
+                    }
                 }
-                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "trimming the event log failed");
                     leader = None;
@@ -107,6 +112,13 @@ pub async fn run(
             _ = tokio::time::sleep(config.interval) => {}
         }
     }
+}
+
+/// Seconds since the epoch (0 if the clock is before it).
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// A connection holding the trim lock, or `None` if another relay has it

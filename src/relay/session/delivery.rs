@@ -304,7 +304,7 @@ impl Session {
                 "a subscriber's cursor names an event the log no longer holds; sending reset"
             );
         }
-        ctx.metrics.resets_sent.fetch_add(1, Relaxed);
+        ctx.metrics.reset_sent(reason);
         out.feed(text(protocol::reset_frame(scope, state.latest(), reason)))
             .await?;
         sub.cursor = state.latest();

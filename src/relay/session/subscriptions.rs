@@ -124,7 +124,7 @@ impl Session {
         };
         out.text(subscribed).await?;
         if let Some(reason) = reset {
-            self.ctx.metrics.resets_sent.fetch_add(1, Relaxed);
+            self.ctx.metrics.reset_sent(reason);
             out.text(protocol::reset_frame(&scope, state.latest(), reason))
                 .await?;
         }
