@@ -20,7 +20,7 @@ use crate::db::connect;
 use crate::metrics::Metrics;
 
 /// Advisory-lock key of the trimmer ("pgrelay" + 2).
-const TRIM_LOCK: i64 = 0x7067_7265_6c61_7902;
+pub const TRIM_LOCK: i64 = 0x7067_7265_6c61_7902;
 /// Deadline of each statement of a run (a trim batch is small). One that
 /// misses it gives up the connection, and with it the lock (G6).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
