@@ -271,9 +271,18 @@ pub struct SetState {
 }
 
 /// The state of the engine's migrations and of `apps`' (the chat set also
-/// when its history table exists, asked for or not).
+/// when its history table exists and this role may read it, asked for or
+/// not: a relay without `--chat` needs no grant on it).
 pub async fn migration_state(client: &Client, apps: Apps) -> Result<Vec<SetState>, SchemaError> {
-    let chat_installed = table_exists(client, CHAT_HISTORY).await?;
+    let chat_installed = client
+        .query_typed(
+            "SELECT coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false)",
+            &[(&CHAT_HISTORY, tokio_postgres::types::Type::TEXT)],
+        )
+        .await
+        .map_err(SchemaError::History)?
+        .first()
+        .is_some_and(|r| r.get(0));
     let apps = Apps {
         chat: apps.chat || chat_installed,
     };

@@ -45,7 +45,7 @@ pub(super) async fn triggers(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "triggers",
-                format!("cannot read pg_trigger: {e}"),
+                format!("cannot read pg_trigger: {e}", e = super::why(&e)),
                 "check DATABASE_URL",
             )
         }
@@ -214,7 +214,10 @@ pub(super) async fn membership(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "membership",
-                format!("cannot read relay.membership_resources: {e}"),
+                format!(
+                    "cannot read relay.membership_resources: {e}",
+                    e = super::why(&e)
+                ),
                 "see the grants check (relay.grant_relay gives SELECT on it)",
             )
         }
@@ -224,7 +227,7 @@ pub(super) async fn membership(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "membership",
-                format!("cannot read the tracked resources: {e}"),
+                format!("cannot read the tracked resources: {e}", e = super::why(&e)),
                 "check DATABASE_URL",
             )
         }

@@ -2,7 +2,7 @@
 //! against this binary's, the relay role's grants, and the notice channel
 //! the triggers ring.
 
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
 use super::{ident, literal, Check, Probe};
 use crate::db::schema;
@@ -29,7 +29,7 @@ pub(super) async fn connection(probe: &Probe<'_>) -> (Check, bool) {
             return (
                 Check::fail(
                     "database",
-                    format!("cannot query: {e}"),
+                    format!("cannot query: {e}", e = super::why(&e)),
                     "check DATABASE_URL",
                 ),
                 false,
@@ -65,16 +65,15 @@ pub(super) async fn connection(probe: &Probe<'_>) -> (Check, bool) {
 /// Every migration this binary embeds is applied, and none it does not
 /// know.
 pub(super) async fn migrations(probe: &Probe<'_>) -> Check {
-    let states = match schema::migration_state(&probe.client, probe.config.apps).await {
-        Ok(states) => states,
-        Err(e) => {
-            return Check::fail(
+    let states =
+        match schema::migration_state(&probe.client, probe.config.apps).await {
+            Ok(states) => states,
+            Err(e) => return Check::fail(
                 "migrations",
-                format!("cannot read the migration history: {e}"),
-                "as the owner of schema relay: SELECT relay.grant_relay(current_user);  -- or run the doctor as the owner",
-            )
-        }
-    };
+                format!("cannot read the migration history: {e}", e = super::why(&e)),
+                "SELECT relay.grant_relay('<the relay role>');   -- as the owner of schema relay",
+            ),
+        };
     let mut summary = Vec::new();
     let mut pending = Vec::new();
     let mut newer = Vec::new();
@@ -139,29 +138,42 @@ pub(super) async fn migrations(probe: &Probe<'_>) -> Check {
 }
 
 /// What `relay.grant_relay(role)` gives, each checked on the role of
-/// `DATABASE_URL`.
-const RELAY_GRANTS: &[(&str, &str, &str)] = &[
-    ("schema", "relay", "USAGE"),
-    ("table", "relay.events", "SELECT"),
-    ("table", "relay.scope_counter", "SELECT"),
-    ("table", "relay.trim_horizon", "SELECT"),
-    ("table", "relay.membership_resources", "SELECT"),
-    ("table", "relay.presence", "SELECT"),
-    ("function", "relay.trim(int, interval, int)", "EXECUTE"),
+/// `DATABASE_URL`: (kind, schema, name, argument types, privilege). Found
+/// in the catalogs by name, since a lookup through `relay.` (`to_regclass`
+/// and the like) is itself refused to a role without USAGE on the schema.
+const RELAY_GRANTS: &[(&str, &str, &str, &str, &str)] = &[
+    ("schema", "", "relay", "", "USAGE"),
+    ("table", "relay", "events", "", "SELECT"),
+    ("table", "relay", "scope_counter", "", "SELECT"),
+    ("table", "relay", "trim_horizon", "", "SELECT"),
+    ("table", "relay", "membership_resources", "", "SELECT"),
+    ("table", "relay", "presence", "", "SELECT"),
     (
         "function",
-        "relay.presence_apply(text, text[], text[], text[], jsonb[])",
+        "relay",
+        "trim",
+        "integer, interval, integer",
         "EXECUTE",
     ),
-    ("function", "relay.presence_sweep()", "EXECUTE"),
     (
         "function",
-        "relay.relay_heartbeat(text, text, interval)",
+        "relay",
+        "presence_apply",
+        "text, text[], text[], text[], jsonb[]",
         "EXECUTE",
     ),
-    ("function", "relay.relay_stop(text)", "EXECUTE"),
-    ("function", "relay.presence_rows(text[])", "EXECUTE"),
-    ("table", "refinery_schema_history", "SELECT"),
+    ("function", "relay", "presence_sweep", "", "EXECUTE"),
+    (
+        "function",
+        "relay",
+        "relay_heartbeat",
+        "text, text, interval",
+        "EXECUTE",
+    ),
+    ("function", "relay", "relay_stop", "text", "EXECUTE"),
+    ("function", "relay", "presence_rows", "text[]", "EXECUTE"),
+    // Where the search path finds it, as `serve` reads it.
+    ("table", "", "refinery_schema_history", "", "SELECT"),
 ];
 
 /// The relay's role holds every grant of `relay.grant_relay`.
@@ -169,47 +181,72 @@ pub(super) async fn grants(probe: &Probe<'_>) -> Check {
     let mut missing = Vec::new();
     let mut absent = Vec::new();
     let mut role = String::new();
-    for (kind, object, privilege) in RELAY_GRANTS {
-        // An object the schema lacks (an older install) is a migration's
-        // business, not a grant's.
-        let sql = match *kind {
-            "schema" => {
-                "SELECT current_user::text, CASE WHEN to_regnamespace($1) IS NULL THEN NULL \
-                 ELSE has_schema_privilege(to_regnamespace($1)::oid, $2) END"
-            }
-            "table" => {
-                "SELECT current_user::text, CASE WHEN to_regclass($1) IS NULL THEN NULL \
-                 ELSE has_table_privilege(to_regclass($1)::oid, $2) END"
-            }
-            _ => {
-                "SELECT current_user::text, CASE WHEN to_regprocedure($1) IS NULL THEN NULL \
-                 ELSE has_function_privilege(to_regprocedure($1)::oid, $2) END"
-            }
+    for (kind, schema, name, args, privilege) in RELAY_GRANTS {
+        let (schema_, name_, args_, privilege_) = (*schema, *name, *args, *privilege);
+        let (sql, params): (&str, Vec<(&(dyn ToSql + Sync), Type)>) = match *kind {
+            "schema" => (
+                "SELECT current_user::text, \
+                 (SELECT has_schema_privilege(n.oid, $2) FROM pg_namespace n WHERE n.nspname = $1)",
+                vec![(&name_, Type::TEXT), (&privilege_, Type::TEXT)],
+            ),
+            "table" => (
+                "SELECT current_user::text, \
+                 (SELECT has_table_privilege(c.oid, $3) FROM pg_class c \
+                  JOIN pg_namespace n ON n.oid = c.relnamespace \
+                  WHERE c.relname = $2 AND (n.nspname = $1 OR ($1 = '' AND pg_table_is_visible(c.oid))) \
+                  LIMIT 1)",
+                vec![
+                    (&schema_, Type::TEXT),
+                    (&name_, Type::TEXT),
+                    (&privilege_, Type::TEXT),
+                ],
+            ),
+            _ => (
+                "SELECT current_user::text, \
+                 (SELECT has_function_privilege(p.oid, $4) FROM pg_proc p \
+                  JOIN pg_namespace n ON n.oid = p.pronamespace \
+                  WHERE n.nspname = $1 AND p.proname = $2 AND oidvectortypes(p.proargtypes) = $3 LIMIT 1)",
+                vec![
+                    (&schema_, Type::TEXT),
+                    (&name_, Type::TEXT),
+                    (&args_, Type::TEXT),
+                    (&privilege_, Type::TEXT),
+                ],
+            ),
         };
-        let rows = match probe
-            .query(sql, &[(object, Type::TEXT), (privilege, Type::TEXT)])
-            .await
-        {
+        let rows = match probe.query(sql, &params).await {
             Ok(rows) => rows,
             Err(e) => {
                 return Check::fail(
                     "grants",
-                    format!("cannot check {privilege} on {object}: {e}"),
+                    format!(
+                        "cannot check {privilege} on {schema}.{name}: {e}",
+                        e = super::why(&e)
+                    ),
                     "check DATABASE_URL",
                 )
             }
         };
         let Some(row) = rows.first() else { continue };
         role = row.get(0);
+        let object = match (*schema, *kind) {
+            (_, "schema") => format!("schema {name}"),
+            ("", _) => name.to_string(),
+            (_, "function") => format!("{schema}.{name}({args})"),
+            _ => format!("{schema}.{name}"),
+        };
         match row.get::<_, Option<bool>>(1) {
             Some(true) => {}
             Some(false) => missing.push(format!("{privilege} on {object}")),
-            None if *object == "refinery_schema_history" => {}
-            None => absent.push(object.to_string()),
+            // The history table exists only where refinery or the install
+            // SQL made it; an object the schema lacks (an older install) is
+            // a migration's business, not a grant's.
+            None if *name == "refinery_schema_history" => {}
+            None => absent.push(object),
         }
     }
     let fix = format!(
-        "as the owner of schema relay: SELECT relay.grant_relay({});",
+        "SELECT relay.grant_relay({});   -- as the owner of schema relay",
         literal(&ident(&role))
     );
     if !missing.is_empty() {
@@ -251,8 +288,8 @@ pub(super) async fn channel(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "channel",
-                format!("cannot call relay.channel(): {e}"),
-                "DATABASE_URL=<owner's url> pgrelay migrate",
+                format!("cannot call relay.channel(): {e}", e = super::why(&e)),
+                "fix the grants check first if it fails; else: DATABASE_URL=<owner's url> pgrelay migrate",
             )
         }
     };

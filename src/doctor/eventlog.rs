@@ -27,7 +27,7 @@ pub(super) async fn check(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "event log",
-                format!("cannot read the event log: {e}"),
+                format!("cannot read the event log: {e}", e = super::why(&e)),
                 "see the grants check",
             )
         }
@@ -96,7 +96,7 @@ pub(super) async fn check(probe: &Probe<'_>) -> Check {
         ),
         Err(e) => Check::fail(
             "event log",
-            format!("{facts}; cannot read pg_locks: {e}"),
+            format!("{facts}; cannot read pg_locks: {e}", e = super::why(&e)),
             "check DATABASE_URL",
         ),
     }

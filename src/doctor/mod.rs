@@ -233,7 +233,7 @@ pub async fn run(config: &DoctorConfig) -> Report {
         Err(e) => {
             checks.push(Check::fail(
                 "database",
-                format!("cannot connect with DATABASE_URL: {e}"),
+                format!("cannot connect with DATABASE_URL: {e}", e = why(&e)),
                 "check DATABASE_URL (host, port, database, role, password) and that the server accepts \
                  this client (pg_hba.conf)",
             ));
@@ -261,7 +261,7 @@ pub async fn run(config: &DoctorConfig) -> Report {
         Err(e) => {
             checks.push(Check::fail(
                 "database",
-                format!("cannot build a pool for DATABASE_URL: {e}"),
+                format!("cannot build a pool for DATABASE_URL: {e}", e = why(&e)),
                 "check DATABASE_URL",
             ));
             return Report::new(checks);
@@ -300,6 +300,22 @@ pub async fn run(config: &DoctorConfig) -> Report {
         tracing::debug!(check = %c.name, status = c.status.label(), summary = %c.summary, "doctor check");
     }
     Report::new(checks)
+}
+
+/// An error with its causes: tokio-postgres says only "db error" until
+/// its source (the server's message) is shown.
+fn why(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// A string as an SQL literal.

@@ -47,7 +47,7 @@ pub(super) async fn listen(probe: &Probe<'_>) -> Check {
         ),
         Err(e) => Check::fail(
             "listen",
-            format!("cannot prove LISTEN on {which} ({}): {e}", redact(url)),
+            format!("cannot prove LISTEN on {which} ({}): {e}", redact(url), e = super::why(&e)),
             format!("check {which}"),
         ),
     }
@@ -70,7 +70,10 @@ pub(super) async fn queue(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "notice queue",
-                format!("cannot read pg_notification_queue_usage(): {e}"),
+                format!(
+                    "cannot read pg_notification_queue_usage(): {e}",
+                    e = super::why(&e)
+                ),
                 "check DATABASE_URL",
             )
         }

@@ -64,7 +64,7 @@ pub(super) async fn check(url: &str) -> Check {
         }
         Err(e) => Check::fail(
             "relay",
-            format!("cannot read {url}/healthz: {e}"),
+            format!("cannot read {url}/healthz: {e}", e = super::why(&e)),
             "check --relay-url (the relay's PGRELAY_LISTEN address) and that the relay runs",
         ),
     }

@@ -34,7 +34,7 @@ pub(super) async fn check(probe: &Probe<'_>) -> Vec<Check> {
             Err(e) => {
                 checks.push(Check::fail(
                     name,
-                    format!("{shown}: {e}"),
+                    format!("{shown}: {e}", e = super::why(&e)),
                     "fix this entry of PGRELAY_READ_REPLICA_URLS",
                 ));
                 continue;
@@ -49,7 +49,7 @@ pub(super) async fn check(probe: &Probe<'_>) -> Vec<Check> {
         checks.push(match state {
             Err(e) => Check::fail(
                 name,
-                format!("{shown} is unreachable: {e}; the primary serves every read"),
+                format!("{shown} is unreachable: {e}; the primary serves every read", e = super::why(&e)),
                 "check this entry of PGRELAY_READ_REPLICA_URLS, the standby and the network to it",
             ),
             Ok(StandbyState::NotInRecovery) => Check::fail(
@@ -63,7 +63,7 @@ pub(super) async fn check(probe: &Probe<'_>) -> Vec<Check> {
                     "{shown} is a standby, but role {role} cannot see whether it streams (pg_stat_wal_receiver needs \
                      pg_read_all_stats): the relay never reads it"
                 ),
-                format!("on the primary: GRANT pg_read_all_stats TO {};", ident(&role)),
+                format!("GRANT pg_read_all_stats TO {};   -- on the primary", ident(&role)),
             ),
             Ok(StandbyState::NotStreaming(status)) => Check::warn(
                 name,

@@ -24,7 +24,11 @@ $$;   -- see docs/deploying.md";
 pub(super) async fn check(probe: &Probe<'_>) -> Check {
     let source = match probe
         .query(
-            "SELECT p.prosrc FROM pg_proc p WHERE p.oid = to_regprocedure('relay.authorize(text,text)')",
+            // By name in the catalog: a lookup through `relay.` is refused to a
+            // role without USAGE on the schema (the grants check says so).
+            "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = 'relay' AND p.proname = 'authorize' \
+               AND oidvectortypes(p.proargtypes) = 'text, text'",
             &[],
         )
         .await
@@ -33,7 +37,7 @@ pub(super) async fn check(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "rule",
-                format!("cannot read relay.authorize: {e}"),
+                format!("cannot read relay.authorize: {e}", e = super::why(&e)),
                 "check DATABASE_URL",
             )
         }
@@ -84,7 +88,7 @@ pub(super) async fn check(probe: &Probe<'_>) -> Check {
         Err(e) => {
             return Check::fail(
                 "rule",
-                format!("calling relay.authorize failed: {e}"),
+                format!("calling relay.authorize failed: {e}", e = super::why(&e)),
                 "see the grants check; the relay's role calls relay.authorize_each",
             )
         }
@@ -98,6 +102,15 @@ pub(super) async fn check(probe: &Probe<'_>) -> Check {
             ),
             "make the rule fast (EXPLAIN ANALYZE SELECT relay.authorize('<user>', '<scope>'); index what it reads), \
              or raise PGRELAY_AUTHORIZE_TIMEOUT",
+        ),
+        Err(failure) if failure.starts_with("42501") => Check::fail(
+            "rule",
+            format!(
+                "relay.authorize raises for scope {scope:?}: {failure}; it runs as the relay's role, which may not \
+                 read what the rule reads"
+            ),
+            "make the rule SECURITY DEFINER (as in docs/deploying.md), or grant the relay's role what it reads \
+             (with the chat app: SELECT chat.grant_api('<the relay role>');)",
         ),
         Err(failure) => Check::fail(
             "rule",
