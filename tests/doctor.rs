@@ -555,3 +555,102 @@ async fn a_stuck_listener_filling_the_notice_queue_warns_and_ending_it_passes() 
         run.check("notice queue")
     );
 }
+
+#[tokio::test]
+async fn a_pending_migration_a_channel_mismatch_a_stray_declaration_and_no_retention_are_found() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+
+    // A migration this binary embeds is not applied.
+    c.batch_execute("DELETE FROM refinery_schema_history WHERE version = 6")
+        .await
+        .expect("forgetting a migration");
+    let run = doctor(&db.url, &[], &[]).await;
+    assert_eq!(
+        run.status("migrations"),
+        "fail",
+        "{:#}",
+        run.check("migrations")
+    );
+    let summary = run.check("migrations")["summary"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(summary.contains("relay V6__columns"), "{summary}");
+    assert!(run.fix("migrations").contains("pgrelay migrate"));
+    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgrelay"))
+        .arg("migrate")
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("running pgrelay migrate");
+    assert!(migrate.status.success(), "{migrate:?}");
+    let run = doctor(&db.url, &[], &[]).await;
+    assert_eq!(
+        run.status("migrations"),
+        "ok",
+        "{:#}",
+        run.check("migrations")
+    );
+
+    // The database rings another channel than the relay listens on.
+    c.batch_execute(&format!(
+        "ALTER DATABASE {} SET relay.channel = 'elsewhere'",
+        db.name
+    ))
+    .await
+    .expect("moving the channel");
+    let run = doctor(&db.url, &[], &[]).await;
+    assert_eq!(run.status("channel"), "fail", "{:#}", run.check("channel"));
+    let fix = run.fix("channel");
+    assert!(fix.starts_with("PGRELAY_CHANNEL=elsewhere "), "{fix}");
+    let run = doctor(&db.url, &[("PGRELAY_CHANNEL", "elsewhere")], &[]).await;
+    assert_eq!(run.status("channel"), "ok", "{:#}", run.check("channel"));
+
+    // A membership declaration no tracked table is captured as.
+    c.batch_execute("SELECT relay.declare_membership('team_membr')")
+        .await
+        .expect("a misspelt declaration");
+    let run = doctor(&db.url, &[], &[]).await;
+    assert_eq!(
+        run.status("membership"),
+        "warn",
+        "{:#}",
+        run.check("membership")
+    );
+    let fix = run.fix("membership");
+    assert!(
+        fix.starts_with("SELECT relay.declare_membership('team_membr', false);"),
+        "{fix}"
+    );
+    apply(&c, &fix).await;
+    let run = doctor(&db.url, &[], &[]).await;
+    assert_eq!(
+        run.status("membership"),
+        "ok",
+        "{:#}",
+        run.check("membership")
+    );
+
+    // Retention off: the log grows without bound.
+    let run = doctor(&db.url, &[("PGRELAY_NO_RETENTION", "true")], &[]).await;
+    assert_eq!(
+        run.status("event log"),
+        "warn",
+        "{:#}",
+        run.check("event log")
+    );
+    assert!(run.fix("event log").contains("relay.trim("));
+
+    // A relay that does not answer.
+    let closed = format!("http://{}", testkit::process::free_addr().expect("a port"));
+    let run = doctor(&db.url, &[], &["--relay-url", &closed]).await;
+    assert_eq!(run.status("relay"), "fail", "{:#}", run.check("relay"));
+    assert_eq!(run.code, 1);
+
+    // No database at all: one failing line, exit 1.
+    let run = doctor("postgresql://postgres@127.0.0.1:1/nowhere", &[], &[]).await;
+    assert_eq!(run.status("database"), "fail", "{:#}", run.report);
+    assert_eq!(run.report["checks"].as_array().map(Vec::len), Some(1));
+    assert_eq!(run.code, 1);
+}
