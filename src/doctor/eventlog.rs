@@ -8,17 +8,15 @@ use std::time::Duration;
 use tokio_postgres::types::Type;
 
 use super::{Check, Probe};
-use crate::retention::TRIM_LOCK;
+use crate::retention::{OLDEST_EVENT_AGE_SQL, TRIM_LOCK};
 
 pub(super) async fn check(probe: &Probe<'_>) -> Check {
     let rows = match probe
         .query(
             "SELECT pg_total_relation_size('relay.events'), \
-                    coalesce((SELECT n_live_tup FROM pg_stat_all_tables WHERE relid = 'relay.events'::regclass), 0)::float8, \
-                    (SELECT count(*) FROM relay.scope_counter), \
-                    coalesce(extract(epoch FROM now() - (SELECT min(e.created_at) FROM relay.scope_counter c \
-                        CROSS JOIN LATERAL (SELECT ev.created_at FROM relay.events ev WHERE ev.scope = c.scope \
-                                            ORDER BY ev.seq LIMIT 1) e)), 0)::float8",
+                    coalesce((SELECT n_live_tup FROM pg_stat_all_tables \
+                              WHERE relid = 'relay.events'::regclass), 0)::float8, \
+                    (SELECT count(*) FROM relay.scope_counter)",
             &[],
         )
         .await
@@ -36,18 +34,25 @@ pub(super) async fn check(probe: &Probe<'_>) -> Check {
         return Check::fail("event log", "no answer", "check DATABASE_URL");
     };
     let bytes: i64 = row.get(0);
-    let estimate: f64 = row.get(1);
+    let live: f64 = row.get(1);
     let scopes: i64 = row.get(2);
-    let oldest = Duration::from_secs(row.get::<_, f64>(3).max(0.0) as u64);
+    // The relay's own query for pgrelay_oldest_event_age_seconds: one
+    // lookup per scope, so on a very large number of scopes it may miss
+    // the query timeout; the check then says so instead of failing.
+    let oldest = match probe.query(OLDEST_EVENT_AGE_SQL, &[]).await {
+        Ok(rows) => match rows.first().and_then(|r| r.get::<_, Option<f64>>(0)) {
+            Some(secs) => format!(
+                "oldest {} old",
+                age(Duration::from_secs(secs.max(0.0) as u64))
+            ),
+            None => "no event".to_string(),
+        },
+        Err(e) => format!("oldest not read ({e})", e = super::why(&e)),
+    };
     let facts = format!(
-        "{:.1} MiB, about {} events in {scopes} scope(s), oldest {}",
+        "{:.1} MiB, about {} live events in {scopes} scope(s), {oldest}",
         bytes as f64 / (1 << 20) as f64,
-        estimate as u64,
-        if scopes == 0 {
-            "none".to_string()
-        } else {
-            format!("{} old", age(oldest))
-        }
+        live as u64,
     );
     let Some(retention) = &probe.config.relay.retention else {
         return Check::warn(
