@@ -632,6 +632,21 @@ async fn a_pending_migration_a_channel_mismatch_a_stray_declaration_and_no_reten
         run.check("membership")
     );
 
+    // Retention configured, but no relay runs to trim.
+    assert_eq!(
+        run.status("event log"),
+        "warn",
+        "{:#}",
+        run.check("event log")
+    );
+    let summary = run.check("event log")["summary"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        summary.contains("no relay holds the trim lock"),
+        "{summary}"
+    );
+
     // Retention off: the log grows without bound.
     let run = doctor(&db.url, &[("PGRELAY_NO_RETENTION", "true")], &[]).await;
     assert_eq!(
