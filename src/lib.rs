@@ -44,6 +44,9 @@
 //!   [`config`] (every setting), [`metrics`] (counters for `/metrics`),
 //!   [`retention`] (trims the log, one relay at a time), and [`server`],
 //!   which wires one relay together and shuts it down in order.
+//! - [`doctor`]: `pgrelay doctor`, which checks a deployment (database,
+//!   rule, triggers, LISTEN path, replicas, queue, log) and reads only; it
+//!   uses `db`, `relay` and `retention` as the relay does.
 //!
 //! Imports only point down this list or sideways within a folder: `relay`
 //! and `http` use `db`, `auth`, `metrics`; `http` uses `relay`; nothing
@@ -62,6 +65,7 @@
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod doctor;
 pub mod http;
 pub mod jwks;
 pub mod metrics;

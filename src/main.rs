@@ -12,6 +12,7 @@ use pgrelay::db::demo;
 use pgrelay::db::embedded::{PgOptions, PgServer};
 use pgrelay::db::redact::redact;
 use pgrelay::db::schema::{self, Apps};
+use pgrelay::doctor::{DoctorConfig, Status};
 use pgrelay::server;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -64,6 +65,11 @@ enum Cmd {
         #[arg(long, hide = true, conflicts_with = "chat")]
         relay_only: bool,
     },
+    /// Check a deployment with serve's settings: schema, grants, rule,
+    /// triggers, LISTEN path, replicas, notice queue, event log. Prints one
+    /// line per check (ok / warn / fail, with the fix); exits 1 if any
+    /// fails. Reads only (its LISTEN proof sends one NOTIFY).
+    Doctor(Box<DoctorArgs>),
     /// Print a client token signed with the configured secret (for
     /// development and tests).
     Token {
@@ -76,6 +82,26 @@ enum Cmd {
         #[arg(long, env = "PGRELAY_JWT_SECRET", hide_env_values = true)]
         jwt_secret: String,
     },
+}
+
+/// `pgrelay doctor`: serve's settings, and the doctor's own.
+#[derive(clap::Args, Debug)]
+struct DoctorArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// A running relay (http://host:port) whose /healthz is checked too.
+    #[arg(long, env = "PGRELAY_DOCTOR_RELAY_URL")]
+    relay_url: Option<String>,
+    /// Print the report as JSON (for scripts and CI).
+    #[arg(long)]
+    json: bool,
+    /// Longest wait for the LISTEN proof's notice.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    listen_timeout: Duration,
+    /// Notice-queue usage, as a fraction of the queue, from which the
+    /// doctor warns (it fails from 0.5).
+    #[arg(long, default_value_t = 0.1)]
+    notice_queue_warn: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +123,15 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(applied = ?applied, "migrations up to date");
             Ok(())
         }),
+        Cmd::Doctor(args) => {
+            let failed = runtime.block_on(doctor(*args))?;
+            // Let the runtime close the doctor's connections first.
+            drop(runtime);
+            if failed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Sql { apps, .. } => {
             print!("{}", schema::install_sql(apps.apps()));
             Ok(())
@@ -200,6 +235,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     relay.shutdown().await;
     Ok(())
+}
+
+/// Runs the checks and prints the report; `true` when a check failed.
+async fn doctor(args: DoctorArgs) -> anyhow::Result<bool> {
+    let serve = &args.serve;
+    let url = serve
+        .database_url
+        .clone()
+        .context("DATABASE_URL (or --database-url) is required: the doctor checks that database")?;
+    let config = DoctorConfig {
+        relay: serve.relay_config(url, None, None),
+        apps: serve.apps.apps(),
+        relay_url: args.relay_url.clone(),
+        listen_timeout: args.listen_timeout,
+        queue_warn: args.notice_queue_warn,
+    };
+    let report = pgrelay::doctor::run(&config).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(report.status == Status::Fail)
 }
 
 /// Every connection is a file descriptor: raise the soft limit to the

@@ -20,7 +20,7 @@ use crate::db::connect;
 use crate::metrics::Metrics;
 
 /// Advisory-lock key of the trimmer ("pgrelay" + 2).
-const TRIM_LOCK: i64 = 0x7067_7265_6c61_7902;
+pub const TRIM_LOCK: i64 = 0x7067_7265_6c61_7902;
 /// Deadline of each statement of a run (a trim batch is small). One that
 /// misses it gives up the connection, and with it the lock (G6).
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -161,18 +161,19 @@ async fn trim_run(
     }
 }
 
-/// Records how old the oldest event still in the log is. Seqs are per
-/// scope, so the age is what says how far back clients can resume; it is
-/// found with one primary-key lookup per scope, never a scan of the log.
+/// Seconds since the oldest event still in the log (NULL when it is
+/// empty). Seqs are per scope, so the age is what says how far back
+/// clients can resume; it is found with one primary-key lookup per scope,
+/// never a scan of the log. Also `pgrelay doctor`'s.
+pub const OLDEST_EVENT_AGE_SQL: &str =
+    "SELECT extract(epoch FROM now() - min(first.created_at))::float8
+         FROM relay.scope_counter c
+         CROSS JOIN LATERAL (SELECT e.created_at FROM relay.events e
+                             WHERE e.scope = c.scope ORDER BY e.seq LIMIT 1) first";
+
+/// Records how old the oldest event still in the log is.
 async fn record_oldest(client: &Client, metrics: &Metrics) -> Result<(), TrimError> {
-    let row = bounded(client.query_one(
-        "SELECT extract(epoch FROM now() - min(first.created_at))::float8
-             FROM relay.scope_counter c
-             CROSS JOIN LATERAL (SELECT e.created_at FROM relay.events e
-                                 WHERE e.scope = c.scope ORDER BY e.seq LIMIT 1) first",
-        &[],
-    ))
-    .await?;
+    let row = bounded(client.query_one(OLDEST_EVENT_AGE_SQL, &[])).await?;
     let age: Option<f64> = row.get(0);
     metrics
         .oldest_event_age_ms

@@ -251,21 +251,111 @@ async fn migrate_set(client: &mut Client, set: &Set) -> Result<Vec<String>, Sche
     }
 }
 
+/// One set of migrations as a database holds it, against what this binary
+/// embeds; for `pgrelay doctor`. Reads only.
+#[derive(Debug, Clone)]
+pub struct SetState {
+    /// `relay` or `chat`.
+    pub set: &'static str,
+    /// Where its history is kept.
+    pub history_table: &'static str,
+    /// Versions and names this binary would apply, in order.
+    pub embedded: Vec<(i32, String)>,
+    /// Embedded versions the database has not applied.
+    pub pending: Vec<i32>,
+    /// Versions the database applied that this binary does not know (a
+    /// newer pgrelay migrated it).
+    pub unknown: Vec<i32>,
+    /// Versions applied from another text than the embedded one.
+    pub changed: Vec<i32>,
+}
+
+/// The state of the engine's migrations and of `apps`' (the chat set also
+/// when its history table exists and this role may read it, asked for or
+/// not: a relay without `--chat` needs no grant on it).
+pub async fn migration_state(client: &Client, apps: Apps) -> Result<Vec<SetState>, SchemaError> {
+    let chat_installed = client
+        .query_typed(
+            "SELECT coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false)",
+            &[(&CHAT_HISTORY, tokio_postgres::types::Type::TEXT)],
+        )
+        .await
+        .map_err(SchemaError::History)?
+        .first()
+        .is_some_and(|r| r.get(0));
+    let apps = Apps {
+        chat: apps.chat || chat_installed,
+    };
+    let mut states = Vec::new();
+    for set in sets(apps) {
+        let history = read_history(client, set.history).await?;
+        let migrations = set.migrations();
+        let amended = |version: i32, checksum: u64| {
+            AMENDED
+                .iter()
+                .any(|(t, v, _, c)| *t == set.history && *v == version && *c == checksum)
+        };
+        let mut unknown: Vec<i32> = history
+            .keys()
+            .copied()
+            .filter(|v| !migrations.iter().any(|m| m.version() == *v))
+            // The engine's history of databases installed before the split
+            // holds the chat app's V2.
+            .filter(|v| !(set.name == RELAY.name && *v == 2))
+            .collect();
+        unknown.sort();
+        states.push(SetState {
+            set: set.name,
+            history_table: set.history,
+            embedded: migrations
+                .iter()
+                .map(|m| (m.version(), m.name().to_string()))
+                .collect(),
+            pending: migrations
+                .iter()
+                .filter(|m| !history.contains_key(&m.version()))
+                .map(|m| m.version())
+                .collect(),
+            unknown,
+            changed: migrations
+                .iter()
+                .filter(|m| {
+                    history
+                        .get(&m.version())
+                        .is_some_and(|(_, c)| *c != m.checksum() && !amended(m.version(), *c))
+                })
+                .map(|m| m.version())
+                .collect(),
+        });
+    }
+    Ok(states)
+}
+
+async fn table_exists(client: &Client, table: &str) -> Result<bool, SchemaError> {
+    Ok(client
+        .query_typed(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[(&table, tokio_postgres::types::Type::TEXT)],
+        )
+        .await
+        .map_err(SchemaError::History)?
+        .first()
+        .is_some_and(|r| r.get(0)))
+}
+
 /// Applied (name, checksum) by version; empty when the table is absent.
 async fn read_history(
     client: &Client,
     table: &str,
 ) -> Result<HashMap<i32, (String, u64)>, SchemaError> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
-        .await
-        .map_err(SchemaError::History)?
-        .get(0);
+    let exists = table_exists(client, table).await?;
     if !exists {
         return Ok(HashMap::new());
     }
+    // Unnamed statements: `pgrelay doctor` may read through a transaction
+    // pooler.
     let rows = client
-        .query(&format!("SELECT version, name, checksum FROM {table}"), &[])
+        .query_typed(&format!("SELECT version, name, checksum FROM {table}"), &[])
         .await
         .map_err(SchemaError::History)?;
     Ok(rows

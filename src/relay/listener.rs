@@ -98,10 +98,9 @@ enum SessionEnd {
     Unresponsive(Duration),
     #[error(
         "a NOTIFY sent from another session did not arrive within {timeout:?}: this LISTEN connection \
-         does not receive other sessions' notices. A transaction-mode pooler (PgBouncer \
-         pool_mode=transaction) or a hot standby on the LISTEN path does this: set \
-         PGRELAY_LISTEN_DATABASE_URL to a direct connection to the primary (or a session-mode pooler). \
-         Meanwhile the event log is polled every {poll:?}"
+         does not receive other sessions' notices. {advice}. Meanwhile the event log is polled \
+         every {poll:?}",
+        advice = POOLER_ADVICE
     )]
     ProbeLost { timeout: Duration, poll: Duration },
     #[error("the connection closed: {0}")]
@@ -317,6 +316,104 @@ impl Listener {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+/// What to do when a LISTEN connection misses other sessions' notices;
+/// said by the relay's log and `/healthz`, and by `pgrelay doctor`.
+pub const POOLER_ADVICE: &str = "A transaction-mode pooler (PgBouncer pool_mode=transaction) or a hot \
+     standby on the LISTEN path does this: set PGRELAY_LISTEN_DATABASE_URL to a direct connection to \
+     the primary (or a session-mode pooler)";
+
+/// Why a one-off LISTEN proof failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProofError {
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    #[error("connecting: {0}")]
+    Connection(#[source] tokio_postgres::Error),
+    #[error("LISTEN failed: {0}")]
+    Command(#[source] tokio_postgres::Error),
+    #[error("no answer within {0:?}")]
+    Unresponsive(Duration),
+    #[error("the probe NOTIFY could not be sent from another session: {0}")]
+    Send(#[source] crate::relay::log::LogError),
+    #[error(
+        "a NOTIFY sent from another session did not arrive within {0:?}: this LISTEN connection does \
+         not receive other sessions' notices"
+    )]
+    Lost(Duration),
+}
+
+/// Proves once, the way the relay's listener does, that a LISTEN
+/// connection to `database_url` receives another session's notices: LISTEN
+/// on a private channel, one query answered on that connection, then a
+/// NOTIFY sent through `log`'s pool, awaited for at most `wait`. Returns how
+/// long the notice took. For `pgrelay doctor`; the connection is its own
+/// and closes on return.
+pub async fn prove_once(
+    database_url: &str,
+    log: &EventLog,
+    wait: Duration,
+) -> Result<Duration, ProofError> {
+    let pg = connect::config(database_url, "pgrelay-doctor")?;
+    let (client, mut connection) =
+        tokio::time::timeout(connect::CONNECT_TIMEOUT * 2, pg.connect(NoTls))
+            .await
+            .map_err(|_| ProofError::Unresponsive(connect::CONNECT_TIMEOUT * 2))?
+            .map_err(ProofError::Connection)?;
+    let channel = format!(
+        "pgrelay_doctor_{}_{:08x}",
+        std::process::id(),
+        rand::rng().random::<u32>()
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let driver = {
+        let channel = channel.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(n) = message {
+                    if n.channel() == channel {
+                        let _ = tx.send(n.payload().to_string());
+                    }
+                }
+            }
+        }))
+    };
+    let command = |sql: String| {
+        let client = &client;
+        async move {
+            tokio::time::timeout(PROBE_TIMEOUT, client.batch_execute(&sql))
+                .await
+                .map_err(|_| ProofError::Unresponsive(PROBE_TIMEOUT))?
+                .map_err(ProofError::Command)
+        }
+    };
+    command(format!("LISTEN {}", quote_ident(&channel))).await?;
+    // As the listener: our own query first, the NOTIFY only after it has
+    // answered (see the module doc).
+    command("SELECT 1".to_string()).await?;
+    let payload = format!("{:016x}", rand::rng().random::<u64>());
+    let started = tokio::time::Instant::now();
+    log.notify(&channel, &payload)
+        .await
+        .map_err(ProofError::Send)?;
+    let arrived = tokio::time::timeout(wait, async {
+        while let Some(p) = rx.recv().await {
+            if p == payload {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    drop(driver);
+    if arrived {
+        Ok(started.elapsed())
+    } else {
+        Err(ProofError::Lost(wait))
     }
 }
 

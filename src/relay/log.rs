@@ -209,6 +209,42 @@ struct Replica {
     streaming: AtomicBool,
 }
 
+/// What a standby says of itself: whether it may serve log reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StandbyState {
+    /// Not in recovery: a primary (or a promoted standby), not a replica.
+    NotInRecovery,
+    /// Its WAL receiver streams from the primary.
+    Streaming,
+    /// In recovery but not streaming: the receiver's status, or `None`
+    /// when no receiver runs (cut off, or replaying archived WAL only).
+    NotStreaming(Option<String>),
+    /// A receiver runs, but its status is hidden from this role: only
+    /// roles with the privileges of `pg_read_all_stats` see it.
+    Hidden,
+}
+
+/// One query on a standby's pool, shared by the relay's periodic check and
+/// `pgrelay doctor`, so both judge a standby alike.
+pub async fn standby_state(pool: &BoundedPool) -> Result<StandbyState, DbError> {
+    let row = pool
+        .query_one(
+            "SELECT pg_is_in_recovery(), r.pid IS NOT NULL, r.status \
+             FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true",
+            &[],
+        )
+        .await?;
+    let recovering: bool = row.get(0);
+    let receiving: bool = row.get(1);
+    let status: Option<String> = row.get(2);
+    Ok(match (recovering, receiving, status) {
+        (false, _, _) => StandbyState::NotInRecovery,
+        (true, _, Some(s)) if s == "streaming" => StandbyState::Streaming,
+        (true, true, None) => StandbyState::Hidden,
+        (true, _, status) => StandbyState::NotStreaming(status),
+    })
+}
+
 /// The pool-backed reader.
 #[derive(Clone)]
 pub struct EventLog {
@@ -285,26 +321,15 @@ impl EventLog {
         let mut advised = false;
         loop {
             for (i, replica) in self.replicas.pools.iter().enumerate() {
-                let streaming = replica
-                    .pool
-                    .query_one(
-                        "SELECT pg_is_in_recovery(), r.pid IS NOT NULL, r.status \
-                         FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true",
-                        &[],
-                    )
-                    .await
-                    .map(|row| {
-                        let recovering: bool = row.get(0);
-                        let receiving: bool = row.get(1);
-                        let status: Option<String> = row.get(2);
-                        if recovering && receiving && status.is_none() && !advised {
-                            advised = true;
-                            tracing::error!(replica = i + 1,
-                                "cannot see whether the read replica streams: grant pg_read_all_stats to the relay's role \
-                                 (on the primary); until then the primary serves every read");
-                        }
-                        recovering && status.as_deref() == Some("streaming")
-                    });
+                let streaming = standby_state(&replica.pool).await.map(|state| {
+                    if state == StandbyState::Hidden && !advised {
+                        advised = true;
+                        tracing::error!(replica = i + 1,
+                            "cannot see whether the read replica streams: grant pg_read_all_stats to the relay's role \
+                             (on the primary); until then the primary serves every read");
+                    }
+                    state == StandbyState::Streaming
+                });
                 let now = matches!(streaming, Ok(true));
                 if replica.streaming.swap(now, Relaxed) != now {
                     match &streaming {
