@@ -50,18 +50,35 @@ fn chromium() -> PathBuf {
 }
 
 /// The SDK's test packages (`playwright-core`, `ws`), installed exactly as
-/// `package-lock.json` locks them (`npm ci`) when one is missing, so that
-/// `cargo test` alone is the whole set-up; a failed install fails the test
-/// with npm's output.
+/// `package-lock.json` locks them (`npm ci`) when one is missing or the
+/// lockfile changed since the last install, so that `cargo test` alone is
+/// the whole set-up; a failed install fails the test with npm's output.
+/// The install keeps a copy of the lockfile it installed from
+/// (`node_modules/.pgrelay-installed-lock.json`): the next run compares
+/// bytes, so a changed lockfile reinstalls once and an unchanged one costs
+/// nothing (and needs no network).
 fn install_test_packages(dir: &Path) {
     let packages = ["playwright-core", "ws"];
-    if packages
+    let lock = std::fs::read(dir.join("package-lock.json"))
+        .unwrap_or_else(|e| panic!("reading clients/js/package-lock.json: {e}"));
+    let stamp = dir
+        .join("node_modules")
+        .join(".pgrelay-installed-lock.json");
+    let present = packages
         .iter()
-        .all(|p| dir.join("node_modules").join(p).exists())
-    {
+        .all(|p| dir.join("node_modules").join(p).exists());
+    let current = std::fs::read(&stamp).is_ok_and(|installed| installed == lock);
+    if present && current {
         return;
     }
-    println!("clients/js/node_modules is incomplete: running `npm ci` there");
+    println!(
+        "clients/js/node_modules is {}: running `npm ci` there",
+        if present {
+            "older than package-lock.json"
+        } else {
+            "incomplete"
+        }
+    );
     let out = Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund"])
         .current_dir(dir)
@@ -82,6 +99,7 @@ fn install_test_packages(dir: &Path) {
             "`npm ci` in clients/js did not install {package}"
         );
     }
+    std::fs::write(&stamp, &lock).unwrap_or_else(|e| panic!("writing {}: {e}", stamp.display()));
 }
 
 /// Longest the three Node suites may take together (they take a minute or
