@@ -190,6 +190,13 @@ pub fn relay_config(url: &str) -> RelayConfig {
     c.resync_interval = Duration::from_secs(2);
     c.probe_interval = Duration::from_secs(2);
     c.shutdown_grace = Duration::from_secs(3);
+    // No scheduled re-check: its first falls at a random point of the
+    // first minute, and one that lands between a revocation's commit and
+    // its delivery ends the subscription before the revoking event is sent,
+    // which the tests of the membership-event path (events up to and
+    // including the removal, then `forbidden`) must not race. The tests of
+    // the schedule set it.
+    c.reauthorize_interval = None;
     c
 }
 
