@@ -1243,6 +1243,7 @@ CREATE OR REPLACE FUNCTION relay.create_capture(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_name  text := format('relay.%I', 'capture_' || p_table::oid);
+    v_owner name;
     v_image text;
     v_from  text;
 BEGIN
@@ -1318,6 +1319,14 @@ $f$,
         CASE WHEN p_mode = 'all' THEN 'v_new' ELSE 'relay.changed_images(v_new, v_old)' END,
         CASE WHEN p_row_data THEN 'v_one' ELSE 'NULL' END,
         CASE WHEN p_row_data THEN 'true' ELSE 'false' END);
+    -- It runs with the rights of relay.capture's owner, like every other
+    -- capture, not with those of whoever called relay.enable (often a
+    -- superuser running migrations).
+    SELECT pg_get_userbyid(p.proowner) INTO v_owner FROM pg_proc p
+    WHERE p.oid = 'relay.capture()'::regprocedure;
+    IF v_owner IS DISTINCT FROM current_user THEN
+        EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', v_name, v_owner);
+    END IF;
     RETURN v_name;
 END
 $$;
@@ -1955,7 +1964,7 @@ INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (3, 'any_writer', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '7877633024837939909') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (4, 'divergence', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '855355579928818812') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (5, 'signals', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '17203773715640258115') ON CONFLICT (version) DO NOTHING;
-INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (6, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '16286559805247547857') ON CONFLICT (version) DO NOTHING;
+INSERT INTO refinery_schema_history (version, name, applied_on, checksum) VALUES (6, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '11332876971938029121') ON CONFLICT (version) DO NOTHING;
 CREATE TABLE IF NOT EXISTS refinery_schema_history_chat(version int4 PRIMARY KEY, name varchar(255), applied_on varchar(255), checksum varchar(255));
 INSERT INTO refinery_schema_history_chat (version, name, applied_on, checksum) VALUES (1, 'chat', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '1948719536171790834') ON CONFLICT (version) DO NOTHING;
 INSERT INTO refinery_schema_history_chat (version, name, applied_on, checksum) VALUES (2, 'columns', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'), '13740798720412002494') ON CONFLICT (version) DO NOTHING;

@@ -182,6 +182,7 @@ CREATE OR REPLACE FUNCTION relay.create_capture(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_name  text := format('relay.%I', 'capture_' || p_table::oid);
+    v_owner name;
     v_image text;
     v_from  text;
 BEGIN
@@ -257,6 +258,14 @@ $f$,
         CASE WHEN p_mode = 'all' THEN 'v_new' ELSE 'relay.changed_images(v_new, v_old)' END,
         CASE WHEN p_row_data THEN 'v_one' ELSE 'NULL' END,
         CASE WHEN p_row_data THEN 'true' ELSE 'false' END);
+    -- It runs with the rights of relay.capture's owner, like every other
+    -- capture, not with those of whoever called relay.enable (often a
+    -- superuser running migrations).
+    SELECT pg_get_userbyid(p.proowner) INTO v_owner FROM pg_proc p
+    WHERE p.oid = 'relay.capture()'::regprocedure;
+    IF v_owner IS DISTINCT FROM current_user THEN
+        EXECUTE format('ALTER FUNCTION %s() OWNER TO %I', v_name, v_owner);
+    END IF;
     RETURN v_name;
 END
 $$;

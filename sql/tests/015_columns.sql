@@ -326,6 +326,11 @@ BEGIN
     ASSERT NOT pg_temp.rendered_holds(v_start, 'SECRET'), 'odd names: a left-out value was sent';
     ASSERT to_regproc('relay.capture_' || 'sqltest_odd'::regclass::oid) IS NOT NULL,
         'a choice: expected the table''s own capture function';
+    ASSERT (SELECT p.proowner = c.proowner AND p.prosecdef
+            FROM pg_proc p, pg_proc c
+            WHERE p.oid = to_regproc('relay.capture_' || 'sqltest_odd'::regclass::oid)
+              AND c.oid = 'relay.capture()'::regprocedure),
+        'a choice: expected the table''s capture function SECURITY DEFINER, owned as relay.capture is';
     PERFORM relay.disable('sqltest_odd');
     ASSERT to_regproc('relay.capture_' || 'sqltest_odd'::regclass::oid) IS NULL,
         'relay.disable: expected the table''s own capture function dropped';
