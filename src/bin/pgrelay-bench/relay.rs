@@ -17,6 +17,11 @@ pub struct Limits {
     /// Broadcasts and presence changes per second per project (G9).
     #[arg(long, default_value_t = 100)]
     pub project_signals_per_second: u32,
+    /// Open TCP connections the relay accepts (`serve`'s default is
+    /// 10,000): opened up, like the per-user limits, for the crowds of
+    /// `connections`.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -24,6 +29,7 @@ impl Default for Limits {
         Limits {
             max_frames_per_second: 1_000_000,
             project_signals_per_second: 100,
+            max_connections: 1_000_000,
         }
     }
 }
@@ -36,6 +42,8 @@ impl Limits {
             self.max_frames_per_second.to_string(),
             "--project-signals-per-second".into(),
             self.project_signals_per_second.to_string(),
+            "--max-connections".into(),
+            self.max_connections.to_string(),
         ]
     }
 }
@@ -64,6 +72,7 @@ pub fn run(database_url: &str, listen: &str, limits: &Limits) -> anyhow::Result<
         config.max_connections_per_user = 1_000_000;
         config.max_frames_per_second = limits.max_frames_per_second;
         config.project_signals_per_second = limits.project_signals_per_second;
+        config.max_connections = limits.max_connections;
         config.retention = None;
         config.pool_size = 8;
         let socket = tokio::net::TcpListener::bind(listen).await?;
