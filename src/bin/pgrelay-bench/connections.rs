@@ -73,6 +73,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         .into();
     let probe_project = format!("p{}", PROJECTS + 1);
 
+    check_open_files(env, count)?;
     let baseline = probe(env, &tokens[0], &probe_project, opts).await?;
     let rss_before = env.relay.rss_kib();
     let sources = count.div_ceil(opts.per_source.max(1));
@@ -290,6 +291,49 @@ async fn probe(env: &Env, token: &str, project: &str, opts: &Options) -> anyhow:
         tokio::time::sleep(opts.probe_gap).await;
     }
     Ok(probed)
+}
+
+/// Files each process needs besides the crowd's sockets (Postgres
+/// connections, the listener, probes, the runtime's own).
+const SPARE_FILES: u64 = 200;
+
+/// Fails before opening anything when the bench or the relay could not
+/// hold `count` sockets: a run that dies at the limit midway says less.
+/// Both ends of every loopback connection are a file, one in each process.
+fn check_open_files(env: &Env, count: usize) -> anyhow::Result<()> {
+    let need = count as u64 + SPARE_FILES;
+    for (who, pid) in [
+        ("the bench", std::process::id()),
+        ("the relay", env.relay.pid()),
+    ] {
+        let (soft, hard) = open_files_limit(pid)?;
+        if soft < need {
+            bail!(
+                "{count} connections need {need} open files in {who} (pid {pid}); its RLIMIT_NOFILE \
+                 is {soft} (hard {hard}), and raising the hard limit needs root with \
+                 CAP_SYS_RESOURCE (or run under `prlimit --nofile={need}`); at most {} \
+                 connections fit",
+                soft.saturating_sub(SPARE_FILES)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A process's RLIMIT_NOFILE (soft, hard), from `/proc/PID/limits`.
+fn open_files_limit(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/limits");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .with_context(|| format!("{path} has no open-files line"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let mut next = || -> anyhow::Result<u64> {
+        let field = fields.next().context("short open-files line")?;
+        Ok(field.parse().unwrap_or(u64::MAX)) // "unlimited"
+    };
+    Ok((next()?, next()?))
 }
 
 /// Open file descriptors of a process (0 if `/proc` cannot say).
