@@ -16,7 +16,8 @@
 //!
 //! - One file per scenario: [`latency`], [`saturation`], [`connections`],
 //!   [`write_cost`], [`stalled`], [`signals`] (broadcast and presence,
-//!   G9); each returns a [`report::Outcome`].
+//!   G9), [`replicas`] (log reads from a hot standby); each returns a
+//!   [`report::Outcome`].
 //! - What they share: [`env`] (the private Postgres, the relay process,
 //!   database clients, CPU meters), [`subscriber`] (a WebSocket subscriber
 //!   that records latency and order), [`lightws`] (the lightest client
@@ -31,6 +32,7 @@ mod env;
 mod latency;
 mod lightws;
 mod relay;
+mod replicas;
 mod report;
 mod saturation;
 mod signals;
@@ -143,6 +145,23 @@ enum Scenario {
         #[arg(long, default_value_t = 65_536)]
         client_rcvbuf: u32,
     },
+    /// Primary CPU per delivered event with several relays, with or
+    /// without a hot standby taking their log reads.
+    Replicas {
+        /// Read the log from a streaming standby.
+        #[arg(long)]
+        standby: bool,
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        #[arg(long, default_value_t = 300)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 10)]
+        projects: usize,
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// What capture costs writers: captured vs uncaptured inserts.
     WriteCost {
         #[arg(long, default_value_t = 5)]
@@ -187,6 +206,9 @@ enum Scenario {
     Relay {
         #[arg(long)]
         database_url: String,
+        /// A hot standby to read the log from.
+        #[arg(long)]
+        replica_url: Option<String>,
         #[arg(long)]
         listen: String,
         #[command(flatten)]
@@ -199,11 +221,12 @@ fn main() -> anyhow::Result<()> {
     raise_open_files_limit();
     if let Scenario::Relay {
         database_url,
+        replica_url,
         listen,
         limits,
     } = &cli.scenario
     {
-        return relay::run(database_url, listen, limits);
+        return relay::run(database_url, replica_url.as_deref(), listen, limits);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -212,6 +235,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let env = match cli.scenario {
             Scenario::Signals { .. } => env::Env::start_with(&signals::limits()).await?,
+            Scenario::Replicas { standby: true, .. } => {
+                env::Env::start_with_standby(&relay::Limits::default()).await?
+            }
             _ => env::Env::start().await?,
         };
         let result = match cli.scenario.clone() {
@@ -244,6 +270,24 @@ fn main() -> anyhow::Result<()> {
                     hold: std::time::Duration::from_secs(hold_seconds),
                 };
                 connections::run(&env, &opts).await?
+            }
+            Scenario::Replicas {
+                standby,
+                relays,
+                subscribers,
+                projects,
+                writers,
+                seconds,
+            } => {
+                let opts = replicas::Options {
+                    standby,
+                    relays,
+                    subscribers,
+                    projects,
+                    writers,
+                    seconds,
+                };
+                replicas::run(&env, &opts).await?
             }
             Scenario::WriteCost { seconds } => write_cost::run(&env, seconds).await?,
             Scenario::Stalled {

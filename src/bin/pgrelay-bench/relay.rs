@@ -49,8 +49,14 @@ impl Limits {
 }
 
 /// `server::start` with the per-user limits opened up for load and no
-/// retention, until SIGTERM.
-pub fn run(database_url: &str, listen: &str, limits: &Limits) -> anyhow::Result<()> {
+/// retention, reading the log from `replica_url` when given, until
+/// SIGTERM.
+pub fn run(
+    database_url: &str,
+    replica_url: Option<&str>,
+    listen: &str,
+    limits: &Limits,
+) -> anyhow::Result<()> {
     // PGRELAY_BENCH_WORKERS=1 runs the relay on a single-threaded runtime,
     // to measure what cross-thread wake-ups cost.
     let workers: usize = std::env::var("PGRELAY_BENCH_WORKERS")
@@ -75,6 +81,7 @@ pub fn run(database_url: &str, listen: &str, limits: &Limits) -> anyhow::Result<
         config.max_connections = limits.max_connections;
         config.retention = None;
         config.pool_size = 8;
+        config.replica_urls = replica_url.map(str::to_string).into_iter().collect();
         let socket = tokio::net::TcpListener::bind(listen).await?;
         let relay = server::start(config, socket).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
