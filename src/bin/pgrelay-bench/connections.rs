@@ -76,6 +76,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     check_open_files(env, count)?;
     let baseline = probe(env, &tokens[0], &probe_project, opts).await?;
     let rss_before = env.relay.rss_kib();
+    let kernel_before = Kernel::read();
     let sources = count.div_ceil(opts.per_source.max(1));
     if sources > 250 {
         bail!(
@@ -142,6 +143,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_after = env.relay.rss_kib();
+    let kernel_after = Kernel::read();
     let relay_fds = open_fds(env.relay.pid());
     let bench_rss = testkit::process::rss_kib(std::process::id())?;
     let crowded = probe(env, &tokens[0], &probe_project, opts).await;
@@ -170,6 +172,8 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         "held_seconds": (held_secs * 10.0).round() / 10.0,
         "dropped_while_held": dropped_n,
         "relay_open_fds": relay_fds,
+        "kernel_before": kernel_before.json(), "kernel_after": kernel_after.json(),
+        "kernel_slab_kib_per_connection": kernel_after.slab_per(&kernel_before, count),
         "bench_rss_kib": bench_rss,
         "rss_curve": curve,
         "probe_first_event": {"baseline": percentiles(&baseline.first_event), "connected": percentiles(&crowded.first_event)},
@@ -190,9 +194,15 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
          Relay RSS {rss_before} KiB before, {rss_after} KiB after: **{per_conn:.1} KiB per connection**; \
          {rate:.0} connections (handshake + subscribe) per second, from {sources} source address(es). \
          Held {held_secs:.0} s (the relay pings every 20 s and closes a peer silent 45 s after a ping): {dropped_n} dropped; relay RSS {rss_end} KiB at the end, \
-         {relay_fds} open files; the load generator's RSS {bench_rss} KiB.\n\n\
+         {relay_fds} open files; the load generator's RSS {bench_rss} KiB. Kernel slab (machine-wide) \
+         {:.1} KiB more per connection (both ends; TCP sockets in use {} before, {} after; \
+         TCP buffer pages {} after).\n\n\
          New subscribers, one at a time ({} each phase), before the crowd and while it is connected (ms):\n\n\
          | | p50 | p90 | p99 | max |\n| --- | --- | --- | --- | --- |\n{}{}{}{}",
+        kernel_after.slab_per(&kernel_before, count),
+        kernel_before.tcp_inuse,
+        kernel_after.tcp_inuse,
+        kernel_after.tcp_mem_pages,
         opts.probes,
         row("first event, commit to frame, baseline", &baseline.first_event),
         row("first event, commit to frame, connected", &crowded.first_event),
@@ -334,6 +344,51 @@ fn open_files_limit(pid: u32) -> anyhow::Result<(u64, u64)> {
         Ok(field.parse().unwrap_or(u64::MAX)) // "unlimited"
     };
     Ok((next()?, next()?))
+}
+
+/// What the kernel holds for sockets: slab memory (machine-wide, so
+/// other processes' work is noise in it) and this network namespace's
+/// TCP sockets and their buffered pages (`/proc/net/sockstat`). 0 where
+/// `/proc` cannot say.
+struct Kernel {
+    slab_kib: u64,
+    unreclaimable_slab_kib: u64,
+    tcp_inuse: u64,
+    tcp_mem_pages: u64,
+}
+
+impl Kernel {
+    fn read() -> Kernel {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+        let field = |text: &str, line: &str, key: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(line))
+                .and_then(|l| {
+                    let mut words = l.split_whitespace();
+                    words.find(|w| *w == key)?;
+                    words.next()?.parse().ok()
+                })
+                .unwrap_or(0)
+        };
+        Kernel {
+            slab_kib: field(&meminfo, "Slab:", "Slab:"),
+            unreclaimable_slab_kib: field(&meminfo, "SUnreclaim:", "SUnreclaim:"),
+            tcp_inuse: field(&sockstat, "TCP:", "inuse"),
+            tcp_mem_pages: field(&sockstat, "TCP:", "mem"),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"slab_kib": self.slab_kib, "unreclaimable_slab_kib": self.unreclaimable_slab_kib,
+               "tcp_inuse": self.tcp_inuse, "tcp_mem_pages": self.tcp_mem_pages})
+    }
+
+    /// Slab growth since `before`, per connection, to a tenth of a KiB.
+    fn slab_per(&self, before: &Kernel, count: usize) -> f64 {
+        let grown = self.slab_kib.saturating_sub(before.slab_kib) as f64;
+        (grown / count.max(1) as f64 * 10.0).round() / 10.0
+    }
 }
 
 /// Open file descriptors of a process (0 if `/proc` cannot say).
