@@ -2,7 +2,7 @@
 # Runs every benchmark scenario RUNS times (default 3) with the figures of
 # the benchmark issue, then writes the medians to bench/results/summary.md
 # and summary.json. Each run's JSON, Markdown and SVG stay in
-# bench/results/runs/N/. About fifteen minutes for three runs on the 2-core
+# bench/results/runs/N/. About twenty minutes for three runs on the 2-core
 # machine; only 127.0.0.1 is used and every loop is bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -147,6 +147,28 @@ pub fn postgres_cpu_seconds() -> f64 {
     ticks / TICKS_PER_SECOND
 }
 
+/// CPU seconds used by one Postgres server: its postmaster, the live
+/// children, and the children that have exited (the postmaster's cutime
+/// and cstime); apart from any other server on the machine, such as a
+/// standby of it.
+pub fn server_cpu_seconds(postmaster: u32) -> f64 {
+    let own = stat_fields(postmaster);
+    let mut ticks = (11..=14).map(|i| stat_ticks(&own, i)).sum::<f64>();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let f = stat_fields(pid);
+            if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(postmaster) {
+                ticks += stat_ticks(&f, 11) + stat_ticks(&f, 12);
+            }
+        }
+    }
+    ticks / TICKS_PER_SECOND
+}
+
 /// Linux's USER_HZ, the unit of /proc/PID/stat's times.
 const TICKS_PER_SECOND: f64 = 100.0;
 

@@ -1,61 +1,213 @@
 //! Idle subscribed WebSockets: the relay's resident memory per connection,
-//! and how fast connections are opened and subscribed.
+//! how fast connections are opened and subscribed, and whether a new
+//! subscriber is still served promptly while they are all connected.
+//!
+//! The idle clients are [`lightws`] connections, so the load generator's
+//! own memory and CPU stay small next to the relay's. Loopback gives about
+//! 28,000 ephemeral ports per source address, so the clients are spread
+//! over 127.0.0.2, .3, ... (`per_source` each). The relay's RSS is sampled
+//! as they open (the curve of RSS against connections).
+//!
+//! Probes: one new subscriber at a time subscribes to a project no idle
+//! client is in, a writer commits one event there, and the time from the
+//! writer's send to the frame is that subscriber's first-event latency.
+//! The same probes run before the crowd connects (the baseline of the same
+//! run) and while it is connected.
 
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-use testkit::ws;
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use testkit::now_us;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::env::Env;
+use crate::lightws::Conn;
 use crate::report::{machine, Outcome};
-use crate::subscriber::SUBSCRIBE_WAIT;
+use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles};
+use crate::subscriber::{sent_us, SUBSCRIBE_WAIT};
 
-pub async fn run(env: &Env, count: usize) -> anyhow::Result<Outcome> {
+/// Projects the idle clients spread over; the probes use one more.
+const PROJECTS: usize = 100;
+
+const INSERT: &str =
+    "INSERT INTO chat.messages (id, project_id, sender_id, body) VALUES ($1, $2, 'w', $3)";
+
+pub struct Options {
+    pub count: usize,
+    /// Clients per 127.0.0.x source address.
+    pub per_source: usize,
+    /// Connections being opened at once (below the relay's accept backlog
+    /// and its limit on connections not yet upgraded).
+    pub in_flight: usize,
+    /// New subscribers timed in each phase (before and while connected).
+    pub probes: usize,
+    /// Pause between two probes.
+    pub probe_gap: Duration,
+    /// How long all clients stay connected at least: longer than the
+    /// relay's ping period plus its pong timeout, so a client that did not
+    /// answer pings would be dropped (and counted).
+    pub hold: Duration,
+}
+
+/// The first-event and connect+subscribe latencies of one phase's probes.
+struct Probed {
+    first_event: Histogram<u64>,
+    subscribe: Histogram<u64>,
+}
+
+pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
+    let count = opts.count;
     let users: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
-    env.seed_projects(100, &users).await?;
-    let tokens: Vec<String> = users
+    env.seed_projects(PROJECTS + 1, &users).await?;
+    let tokens: Arc<[String]> = users
         .iter()
         .map(|u| env.token(u))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into();
+    let probe_project = format!("p{}", PROJECTS + 1);
+
+    check_open_files(env, count)?;
+    let baseline = probe(env, &tokens[0], &probe_project, opts).await?;
     let rss_before = env.relay.rss_kib();
-    let t0 = Instant::now();
-    let mut sockets = Vec::with_capacity(count);
-    let mut i = 0;
-    while i < count {
-        let batch = (count - i).min(200);
-        let futs = (i..i + batch).map(|k| {
-            let token = &tokens[k % 100];
-            let project = format!("p{}", k % 100 + 1);
-            async move {
-                let mut ws = ws::connect(env.addr(), token).await?;
-                // Wait for `subscribed`, so the subscription really exists.
-                ws::subscribe(&mut ws, &project, None, SUBSCRIBE_WAIT).await?;
-                anyhow::Ok(ws)
-            }
-        });
-        for ws in futures_util::future::join_all(futs).await {
-            sockets.push(ws?);
-        }
-        i += batch;
+    let kernel_before = Kernel::read();
+    let sources = count.div_ceil(opts.per_source.max(1));
+    if sources > 250 {
+        bail!(
+            "{count} clients at {} per source address need more than 127.0.0.2..251",
+            opts.per_source
+        );
     }
+
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let gate = Arc::new(Semaphore::new(opts.in_flight.max(1)));
+    let (opened_tx, mut opened_rx) = mpsc::unbounded_channel::<anyhow::Result<()>>();
+    let step = (count / 10).max(1);
+    let mut curve: Vec<Value> = Vec::new();
+    let mut opened = 0usize;
+    let t0 = Instant::now();
+    let note = |opened: usize, curve: &mut Vec<Value>| {
+        if opened.is_multiple_of(step) || opened == count {
+            curve.push(json!({
+                "connections": opened,
+                "seconds": (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+                "relay_rss_kib": env.relay.rss_kib(),
+            }));
+        }
+    };
+    let result: anyhow::Result<()> = async {
+        for k in 0..count {
+            let permit = gate.clone().acquire_owned().await?;
+            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (k / opts.per_source) as u8));
+            let client = Client {
+                source,
+                token: tokens.clone(),
+                k,
+                env_addr: env.addr(),
+                permit,
+                opened: opened_tx.clone(),
+                stop: stop.clone(),
+                dropped: dropped.clone(),
+                tracker: tracker.clone(),
+            };
+            tracker.spawn(client.open());
+            while let Ok(r) = opened_rx.try_recv() {
+                r?;
+                opened += 1;
+                note(opened, &mut curve);
+            }
+        }
+        while opened < count {
+            let r = opened_rx.recv().await.context("opening clients vanished")?;
+            r?;
+            opened += 1;
+            note(opened, &mut curve);
+        }
+        Ok(())
+    }
+    .await;
     let connect_secs = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_since = Instant::now();
+    if let Err(e) = result {
+        stop.cancel();
+        return Err(e.context(format!("after {opened} of {count} connections opened")));
+    }
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let rss_after = env.relay.rss_kib();
-    let per_conn = (rss_after.saturating_sub(rss_before)) as f64 / count as f64;
-    drop(sockets);
+    let kernel_after = Kernel::read();
+    let relay_fds = open_fds(env.relay.pid());
+    let bench_rss = testkit::process::rss_kib(std::process::id())?;
+    let crowded = probe(env, &tokens[0], &probe_project, opts).await;
+    if let Some(rest) = opts.hold.checked_sub(held_since.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    let rss_end = env.relay.rss_kib();
+    let dropped_n = dropped.load(Relaxed);
+    let held_secs = held_since.elapsed().as_secs_f64();
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    let crowded = crowded?;
+
+    let per_conn = rss_after.saturating_sub(rss_before) as f64 / count as f64;
+    let rate = count as f64 / connect_secs;
     let name = format!("connections-{count}");
     let json = json!({
         "scenario": "connections", "connections": count,
+        "source_addresses": sources, "in_flight": opts.in_flight,
         "relay_rss_kib_before": rss_before, "relay_rss_kib_after": rss_after,
+        "relay_rss_kib_end": rss_end,
         "kib_per_connection": (per_conn * 100.0).round() / 100.0,
-        "connect_and_subscribe_per_s": (count as f64 / connect_secs).round(),
+        "connect_and_subscribe_per_s": rate.round(),
+        "connect_seconds": (connect_secs * 100.0).round() / 100.0,
+        "held_seconds": (held_secs * 10.0).round() / 10.0,
+        "dropped_while_held": dropped_n,
+        "relay_open_fds": relay_fds,
+        "kernel_before": kernel_before.json(), "kernel_after": kernel_after.json(),
+        "kernel_slab_kib_per_connection": kernel_after.slab_per(&kernel_before, count),
+        "bench_rss_kib": bench_rss,
+        "rss_curve": curve,
+        "probe_first_event": {"baseline": percentiles(&baseline.first_event), "connected": percentiles(&crowded.first_event)},
+        "probe_subscribe": {"baseline": percentiles(&baseline.subscribe), "connected": percentiles(&crowded.subscribe)},
         "machine": machine(),
     });
+    let row = |label: &str, h: &Histogram<u64>| {
+        format!(
+            "| {label} | {} | {} | {} | {} |\n",
+            ms_cell(h, 0.5),
+            ms_cell(h, 0.9),
+            ms_cell(h, 0.99),
+            ms_max(h)
+        )
+    };
     let markdown = format!(
         "### Connections: {count} idle subscribed WebSockets\n\n\
          Relay RSS {rss_before} KiB before, {rss_after} KiB after: **{per_conn:.1} KiB per connection**; \
-         {:.0} connections (handshake + subscribe) per second.\n",
-        count as f64 / connect_secs
+         {rate:.0} connections (handshake + subscribe) per second, from {sources} source address(es). \
+         Held {held_secs:.0} s (the relay pings every 20 s and closes a peer silent 45 s after a ping): {dropped_n} dropped; relay RSS {rss_end} KiB at the end, \
+         {relay_fds} open files; the load generator's RSS {bench_rss} KiB. Kernel slab (machine-wide) \
+         {:.1} KiB more per connection (both ends; TCP sockets in use {} before, {} after; \
+         TCP buffer pages {} after).\n\n\
+         New subscribers, one at a time ({} each phase), before the crowd and while it is connected (ms):\n\n\
+         | | p50 | p90 | p99 | max |\n| --- | --- | --- | --- | --- |\n{}{}{}{}",
+        kernel_after.slab_per(&kernel_before, count),
+        kernel_before.tcp_inuse,
+        kernel_after.tcp_inuse,
+        kernel_after.tcp_mem_pages,
+        opts.probes,
+        row("first event, commit to frame, baseline", &baseline.first_event),
+        row("first event, commit to frame, connected", &crowded.first_event),
+        row("connect + subscribe, baseline", &baseline.subscribe),
+        row("connect + subscribe, connected", &crowded.subscribe),
     );
     Ok(Outcome {
         name,
@@ -63,4 +215,183 @@ pub async fn run(env: &Env, count: usize) -> anyhow::Result<Outcome> {
         markdown,
         svg: None,
     })
+}
+
+/// One idle client while it opens.
+struct Client {
+    source: IpAddr,
+    token: Arc<[String]>,
+    k: usize,
+    env_addr: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
+    opened: mpsc::UnboundedSender<anyhow::Result<()>>,
+    stop: CancellationToken,
+    dropped: Arc<AtomicU64>,
+    tracker: TaskTracker,
+}
+
+impl Client {
+    /// Opens and subscribes, then hands the connection to a task of its
+    /// own: the idle task's state is the connection alone, not this
+    /// future's larger one.
+    async fn open(self) {
+        let token = &self.token[self.k % self.token.len()];
+        let project = format!("p{}", self.k % PROJECTS + 1);
+        let conn = async {
+            let mut conn = Conn::open(self.source, self.env_addr, token).await?;
+            conn.subscribe(&project, SUBSCRIBE_WAIT).await?;
+            anyhow::Ok(conn)
+        }
+        .await;
+        drop(self.permit);
+        match conn {
+            Err(e) => {
+                let _ = self.opened.send(Err(
+                    e.context(format!("client {} from {}", self.k, self.source))
+                ));
+            }
+            Ok(conn) => {
+                let (stop, dropped) = (self.stop, self.dropped);
+                self.tracker.spawn(async move {
+                    if let Err(e) = conn.idle(&stop).await {
+                        tracing::warn!(error = %e, "idle client ended");
+                        dropped.fetch_add(1, Relaxed);
+                    }
+                });
+                let _ = self.opened.send(Ok(()));
+            }
+        }
+    }
+}
+
+/// `opts.probes` new subscribers, one after another, each timed from
+/// connect to `subscribed` and from the writer's send of its first event
+/// to the frame.
+async fn probe(env: &Env, token: &str, project: &str, opts: &Options) -> anyhow::Result<Probed> {
+    let writer = env.client().await?;
+    let insert = writer.prepare(INSERT).await?;
+    let mut probed = Probed {
+        first_event: latency_histogram()?,
+        subscribe: latency_histogram()?,
+    };
+    let source = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    for i in 0..opts.probes {
+        let start = Instant::now();
+        let mut conn = Conn::open(source, env.addr(), token).await?;
+        conn.subscribe(project, SUBSCRIBE_WAIT).await?;
+        let subscribed_us = start.elapsed().as_micros() as u64;
+        let id = format!("{}-probe-{i}", now_us());
+        let receive = async {
+            let frame = conn.next_text(Duration::from_secs(30)).await;
+            (frame, now_us())
+        };
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&id, &project, &"probe"];
+        let (inserted, (frame, at_us)) = tokio::join!(writer.execute(&insert, &params), receive);
+        inserted?;
+        let frame = frame.with_context(|| format!("probe {i}'s first event"))?;
+        if !frame.contains(&id) {
+            bail!("probe {i} expected its event {id}, got {frame}");
+        }
+        let sent = sent_us(&frame).context("event frame without a timed id")?;
+        probed
+            .first_event
+            .record(at_us.saturating_sub(sent).max(1))?;
+        probed.subscribe.record(subscribed_us.max(1))?;
+        drop(conn);
+        tokio::time::sleep(opts.probe_gap).await;
+    }
+    Ok(probed)
+}
+
+/// Files each process needs besides the crowd's sockets (Postgres
+/// connections, the listener, probes, the runtime's own).
+const SPARE_FILES: u64 = 200;
+
+/// Fails before opening anything when the bench or the relay could not
+/// hold `count` sockets: a run that dies at the limit midway says less.
+/// Both ends of every loopback connection are a file, one in each process.
+fn check_open_files(env: &Env, count: usize) -> anyhow::Result<()> {
+    let need = count as u64 + SPARE_FILES;
+    for (who, pid) in [
+        ("the bench", std::process::id()),
+        ("the relay", env.relay.pid()),
+    ] {
+        let (soft, hard) = open_files_limit(pid)?;
+        if soft < need {
+            bail!(
+                "{count} connections need {need} open files in {who} (pid {pid}); its RLIMIT_NOFILE \
+                 is {soft} (hard {hard}), and raising the hard limit needs root with \
+                 CAP_SYS_RESOURCE (or run under `prlimit --nofile={need}`); at most {} \
+                 connections fit",
+                soft.saturating_sub(SPARE_FILES)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A process's RLIMIT_NOFILE (soft, hard), from `/proc/PID/limits`.
+fn open_files_limit(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let path = format!("/proc/{pid}/limits");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .with_context(|| format!("{path} has no open-files line"))?;
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    let mut next = || -> anyhow::Result<u64> {
+        let field = fields.next().context("short open-files line")?;
+        Ok(field.parse().unwrap_or(u64::MAX)) // "unlimited"
+    };
+    Ok((next()?, next()?))
+}
+
+/// What the kernel holds for sockets: slab memory (machine-wide, so
+/// other processes' work is noise in it) and this network namespace's
+/// TCP sockets and their buffered pages (`/proc/net/sockstat`). 0 where
+/// `/proc` cannot say.
+struct Kernel {
+    slab_kib: u64,
+    unreclaimable_slab_kib: u64,
+    tcp_inuse: u64,
+    tcp_mem_pages: u64,
+}
+
+impl Kernel {
+    fn read() -> Kernel {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+        let field = |text: &str, line: &str, key: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(line))
+                .and_then(|l| {
+                    let mut words = l.split_whitespace();
+                    words.find(|w| *w == key)?;
+                    words.next()?.parse().ok()
+                })
+                .unwrap_or(0)
+        };
+        Kernel {
+            slab_kib: field(&meminfo, "Slab:", "Slab:"),
+            unreclaimable_slab_kib: field(&meminfo, "SUnreclaim:", "SUnreclaim:"),
+            tcp_inuse: field(&sockstat, "TCP:", "inuse"),
+            tcp_mem_pages: field(&sockstat, "TCP:", "mem"),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"slab_kib": self.slab_kib, "unreclaimable_slab_kib": self.unreclaimable_slab_kib,
+               "tcp_inuse": self.tcp_inuse, "tcp_mem_pages": self.tcp_mem_pages})
+    }
+
+    /// Slab growth since `before`, per connection, to a tenth of a KiB.
+    fn slab_per(&self, before: &Kernel, count: usize) -> f64 {
+        let grown = self.slab_kib.saturating_sub(before.slab_kib) as f64;
+        (grown / count.max(1) as f64 * 10.0).round() / 10.0
+    }
+}
+
+/// Open file descriptors of a process (0 if `/proc` cannot say).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }

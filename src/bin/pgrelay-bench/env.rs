@@ -5,19 +5,24 @@
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context;
 use pgrelay::auth::Authenticator;
 use pgrelay::db::embedded::{PgOptions, PgServer};
-use testkit::process::{free_addr, postgres_cpu_seconds, RelayProcess};
+use testkit::process::{free_addr, postgres_cpu_seconds, server_cpu_seconds, RelayProcess};
 use tokio_postgres::{Client, NoTls};
 
 use crate::relay::SECRET;
 
-/// A private Postgres, a migrated database and a relay process.
+/// A private Postgres, a migrated database and a relay process; for
+/// `replicas`, also a streaming standby the relays read the log from.
 pub struct Env {
-    /// Declared before `pg`, so a failed run stops the relay first.
+    /// Declared before the servers, so a failed run stops the relay first.
     pub relay: RelayProcess,
+    /// Declared before `pg`: the standby stops before its primary.
+    standby: Option<PgServer>,
     pg: PgServer,
     pub url: String,
+    replica_url: Option<String>,
     auth: Authenticator,
 }
 
@@ -28,25 +33,47 @@ impl Env {
 
     /// [`Env::start`], the relay running with `limits`.
     pub async fn start_with(limits: &crate::relay::Limits) -> anyhow::Result<Env> {
+        Env::start_full(limits, false).await
+    }
+
+    /// [`Env::start`] with a hot standby (`pg_basebackup -R`) that this
+    /// relay and every one [`Env::spawn_relay`] starts read the log from.
+    pub async fn start_with_standby(limits: &crate::relay::Limits) -> anyhow::Result<Env> {
+        Env::start_full(limits, true).await
+    }
+
+    async fn start_full(limits: &crate::relay::Limits, standby: bool) -> anyhow::Result<Env> {
         let mut options = PgOptions::for_tests();
         // Durable but not waiting for fsync per commit: this disk's fsync
         // otherwise caps every scenario near 450 commits/s.
-        options.settings = vec![
-            ("synchronous_commit".into(), "off".into()),
-            ("max_connections".into(), "300".into()),
-            ("shared_buffers".into(), "256MB".into()),
-        ];
+        options.settings = settings(&[]);
+        if standby {
+            // WAL the standby has yet to stream is kept for it.
+            options.settings = settings(&[("wal_keep_size", "512MB")]);
+        }
         let pg = tokio::task::spawn_blocking(move || PgServer::start(options)).await??;
         let (admin, conn) = tokio_postgres::connect(&pg.url("postgres"), NoTls).await?;
         tokio::spawn(conn);
         admin.batch_execute("CREATE DATABASE bench").await?;
         let url = pg.url("bench");
         pgrelay::db::schema::migrate(&url, pgrelay::db::schema::Apps::WITH_CHAT).await?;
-        let relay = spawn_relay(&url, limits).await?;
+        let standby = match standby {
+            false => None,
+            true => Some(tokio::task::block_in_place(|| {
+                pg.start_standby(PgOptions {
+                    data_dir: None,
+                    settings: settings(&[]),
+                })
+            })?),
+        };
+        let replica_url = standby.as_ref().map(|s| s.url("bench"));
+        let relay = spawn_relay(&url, replica_url.as_deref(), limits).await?;
         Ok(Env {
             relay,
+            standby,
             pg,
             url,
+            replica_url,
             auth: Authenticator::hs256(SECRET.as_bytes(), Duration::ZERO),
         })
     }
@@ -54,7 +81,24 @@ impl Env {
     /// Another relay process on the same database (this binary's hidden
     /// `relay` mode, as [`Env::start`]'s).
     pub async fn spawn_relay(&self, limits: &crate::relay::Limits) -> anyhow::Result<RelayProcess> {
-        spawn_relay(&self.url, limits).await
+        spawn_relay(&self.url, self.replica_url.as_deref(), limits).await
+    }
+
+    /// CPU seconds the primary's processes have used so far (not the
+    /// standby's).
+    pub fn primary_cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.pg.pid().context("the primary's postmaster pid")?;
+        Ok(server_cpu_seconds(pid))
+    }
+
+    /// CPU seconds the standby's processes have used so far; 0 without one.
+    pub fn standby_cpu_seconds(&self) -> anyhow::Result<f64> {
+        match &self.standby {
+            None => Ok(0.0),
+            Some(s) => Ok(server_cpu_seconds(
+                s.pid().context("the standby's postmaster pid")?,
+            )),
+        }
     }
 
     pub fn addr(&self) -> std::net::SocketAddr {
@@ -107,15 +151,36 @@ impl Env {
 
     /// Stops the relay (SIGTERM, a graceful shutdown), then Postgres.
     pub fn stop(self) -> anyhow::Result<()> {
-        let Env { relay, pg, .. } = self;
+        let Env {
+            relay, standby, pg, ..
+        } = self;
         relay.terminate()?;
+        drop(standby);
         drop(pg);
         Ok(())
     }
 }
 
-/// This binary in its hidden `relay` mode against `url`, once healthy.
-async fn spawn_relay(url: &str, limits: &crate::relay::Limits) -> anyhow::Result<RelayProcess> {
+/// The server settings of the bench's Postgres, with `extra`.
+fn settings(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    [
+        ("synchronous_commit", "off"),
+        ("max_connections", "300"),
+        ("shared_buffers", "256MB"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// This binary in its hidden `relay` mode against `url` (reading the log
+/// from `replica_url` when given), once healthy.
+async fn spawn_relay(
+    url: &str,
+    replica_url: Option<&str>,
+    limits: &crate::relay::Limits,
+) -> anyhow::Result<RelayProcess> {
     let addr = free_addr()?;
     let mut command = Command::new(std::env::current_exe()?);
     command
@@ -127,6 +192,7 @@ async fn spawn_relay(url: &str, limits: &crate::relay::Limits) -> anyhow::Result
             &addr.to_string(),
         ])
         .args(limits.args())
+        .args(replica_url.into_iter().flat_map(|r| ["--replica-url", r]))
         .env("RUST_LOG", "warn");
     Ok(RelayProcess::spawn(&mut command, addr).await?)
 }

@@ -16,10 +16,12 @@
 //!
 //! - One file per scenario: [`latency`], [`saturation`], [`connections`],
 //!   [`write_cost`], [`stalled`], [`signals`] (broadcast and presence,
-//!   G9); each returns a [`report::Outcome`].
+//!   G9), [`replicas`] (log reads from a hot standby); each returns a
+//!   [`report::Outcome`].
 //! - What they share: [`env`] (the private Postgres, the relay process,
 //!   database clients, CPU meters), [`subscriber`] (a WebSocket subscriber
-//!   that records latency and order), [`stats`] (histograms and
+//!   that records latency and order), [`lightws`] (the lightest client
+//!   that holds a subscription, for crowds), [`stats`] (histograms and
 //!   percentiles), [`report`] (JSON, Markdown and SVG results).
 //! - [`relay`]: the relay process itself (the hidden `relay` mode).
 //! - The clients (WebSocket, LISTEN, HTTP, the child process, `/proc`) are
@@ -28,7 +30,9 @@
 mod connections;
 mod env;
 mod latency;
+mod lightws;
 mod relay;
+mod replicas;
 mod report;
 mod saturation;
 mod signals;
@@ -90,10 +94,30 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
-    /// Idle subscribed WebSockets: resident memory per connection.
+    /// Idle subscribed WebSockets: resident memory per connection, the
+    /// opening rate, and a new subscriber's first-event latency while
+    /// they are all connected.
     Connections {
         #[arg(long, default_value_t = 10_000)]
         count: usize,
+        /// Clients per 127.0.0.x source address (loopback has ~28,000
+        /// ephemeral ports per address).
+        #[arg(long, default_value_t = 20_000)]
+        per_source: usize,
+        /// Connections being opened at once.
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        /// New subscribers timed before and while the crowd is connected.
+        #[arg(long, default_value_t = 300)]
+        probes: usize,
+        /// Milliseconds between two of them.
+        #[arg(long, default_value_t = 50)]
+        probe_gap_ms: u64,
+        /// Seconds the crowd stays connected at least: longer than the
+        /// relay's ping period plus its pong timeout (20 + 45 s), so a
+        /// client that failed to answer would be dropped, and counted.
+        #[arg(long, default_value_t = 70)]
+        hold_seconds: u64,
     },
     /// Resumers that subscribe from seq 0 and never read: the relay's
     /// RSS against their number, and after they leave (G7). Each crowd
@@ -120,6 +144,23 @@ enum Scenario {
         /// shared machine's kernel memory; the relay's side is untouched).
         #[arg(long, default_value_t = 65_536)]
         client_rcvbuf: u32,
+    },
+    /// Primary CPU per delivered event with several relays, with or
+    /// without a hot standby taking their log reads.
+    Replicas {
+        /// Read the log from a streaming standby.
+        #[arg(long)]
+        standby: bool,
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        #[arg(long, default_value_t = 300)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 10)]
+        projects: usize,
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// What capture costs writers: captured vs uncaptured inserts.
     WriteCost {
@@ -165,6 +206,9 @@ enum Scenario {
     Relay {
         #[arg(long)]
         database_url: String,
+        /// A hot standby to read the log from.
+        #[arg(long)]
+        replica_url: Option<String>,
         #[arg(long)]
         listen: String,
         #[command(flatten)]
@@ -177,11 +221,12 @@ fn main() -> anyhow::Result<()> {
     raise_open_files_limit();
     if let Scenario::Relay {
         database_url,
+        replica_url,
         listen,
         limits,
     } = &cli.scenario
     {
-        return relay::run(database_url, listen, limits);
+        return relay::run(database_url, replica_url.as_deref(), listen, limits);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -190,6 +235,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let env = match cli.scenario {
             Scenario::Signals { .. } => env::Env::start_with(&signals::limits()).await?,
+            Scenario::Replicas { standby: true, .. } => {
+                env::Env::start_with_standby(&relay::Limits::default()).await?
+            }
             _ => env::Env::start().await?,
         };
         let result = match cli.scenario.clone() {
@@ -205,7 +253,42 @@ fn main() -> anyhow::Result<()> {
                 writers,
                 seconds,
             } => saturation::run(&env, subscribers, projects, writers, seconds).await?,
-            Scenario::Connections { count } => connections::run(&env, count).await?,
+            Scenario::Connections {
+                count,
+                per_source,
+                in_flight,
+                probes,
+                probe_gap_ms,
+                hold_seconds,
+            } => {
+                let opts = connections::Options {
+                    count,
+                    per_source,
+                    in_flight,
+                    probes,
+                    probe_gap: std::time::Duration::from_millis(probe_gap_ms),
+                    hold: std::time::Duration::from_secs(hold_seconds),
+                };
+                connections::run(&env, &opts).await?
+            }
+            Scenario::Replicas {
+                standby,
+                relays,
+                subscribers,
+                projects,
+                writers,
+                seconds,
+            } => {
+                let opts = replicas::Options {
+                    standby,
+                    relays,
+                    subscribers,
+                    projects,
+                    writers,
+                    seconds,
+                };
+                replicas::run(&env, &opts).await?
+            }
             Scenario::WriteCost { seconds } => write_cost::run(&env, seconds).await?,
             Scenario::Stalled {
                 counts,
@@ -267,14 +350,25 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Every client and relay connection is a file descriptor: raise the soft
-/// limit to the hard one (as `pgrelay serve` does), for the 10,000
-/// connections of `connections` and `signals`.
+/// Every client and relay connection is a file descriptor, on both ends
+/// of the loopback: 100,000 connections cost the bench and the relay (its
+/// child, which inherits the limit) 100,000 each. Raises the soft and hard
+/// RLIMIT_NOFILE to the kernel's `fs.nr_open` where allowed (as root, or
+/// with CAP_SYS_RESOURCE), else the soft limit to the hard one as `pgrelay
+/// serve` does.
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(hard);
+    if nr_open > hard && setrlimit(Resource::RLIMIT_NOFILE, nr_open, nr_open).is_ok() {
+        return;
+    }
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }

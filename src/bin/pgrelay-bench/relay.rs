@@ -17,6 +17,11 @@ pub struct Limits {
     /// Broadcasts and presence changes per second per project (G9).
     #[arg(long, default_value_t = 100)]
     pub project_signals_per_second: u32,
+    /// Open TCP connections the relay accepts (`serve`'s default is
+    /// 10,000): opened up, like the per-user limits, for the crowds of
+    /// `connections`.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -24,6 +29,7 @@ impl Default for Limits {
         Limits {
             max_frames_per_second: 1_000_000,
             project_signals_per_second: 100,
+            max_connections: 1_000_000,
         }
     }
 }
@@ -36,13 +42,21 @@ impl Limits {
             self.max_frames_per_second.to_string(),
             "--project-signals-per-second".into(),
             self.project_signals_per_second.to_string(),
+            "--max-connections".into(),
+            self.max_connections.to_string(),
         ]
     }
 }
 
 /// `server::start` with the per-user limits opened up for load and no
-/// retention, until SIGTERM.
-pub fn run(database_url: &str, listen: &str, limits: &Limits) -> anyhow::Result<()> {
+/// retention, reading the log from `replica_url` when given, until
+/// SIGTERM.
+pub fn run(
+    database_url: &str,
+    replica_url: Option<&str>,
+    listen: &str,
+    limits: &Limits,
+) -> anyhow::Result<()> {
     // PGRELAY_BENCH_WORKERS=1 runs the relay on a single-threaded runtime,
     // to measure what cross-thread wake-ups cost.
     let workers: usize = std::env::var("PGRELAY_BENCH_WORKERS")
@@ -64,8 +78,10 @@ pub fn run(database_url: &str, listen: &str, limits: &Limits) -> anyhow::Result<
         config.max_connections_per_user = 1_000_000;
         config.max_frames_per_second = limits.max_frames_per_second;
         config.project_signals_per_second = limits.project_signals_per_second;
+        config.max_connections = limits.max_connections;
         config.retention = None;
         config.pool_size = 8;
+        config.replica_urls = replica_url.map(str::to_string).into_iter().collect();
         let socket = tokio::net::TcpListener::bind(listen).await?;
         let relay = server::start(config, socket).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,6 +1,7 @@
 //! Writers as fast as they can: the deliveries per second the relay
 //! sustains, and its latency meanwhile. Run with 1 to 1,000 subscribers it
-//! is the throughput sweep (`bench/results/throughput.svg`).
+//! is the throughput sweep (`bench/results/throughput.svg`). Its writers
+//! ([`Writers`]) are also the load of [`crate::replicas`].
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use testkit::now_us;
+use tokio::task::JoinHandle;
 
 use crate::env::Env;
 use crate::report::{machine, Outcome};
@@ -16,7 +18,7 @@ use crate::subscriber;
 
 /// Several rows per statement, so that the relay, not the writers' commit
 /// rate, is what saturates.
-const ROWS_PER_STATEMENT: i32 = 10;
+pub const ROWS_PER_STATEMENT: i32 = 10;
 const INSERT_MANY: &str = "INSERT INTO chat.messages (id, project_id, sender_id, body) \
      SELECT $1 || '-' || g, $2, 'w', $3 FROM generate_series(1, $4::int) g";
 
@@ -28,29 +30,8 @@ pub async fn run(
     seconds: u64,
 ) -> anyhow::Result<Outcome> {
     let (shared, subs) = subscriber::start(env, subscribers, projects).await?;
-    let body = "y".repeat(150); // frames of about 300 bytes
-    let written = Arc::new(AtomicU64::new(0));
-    let end = Instant::now() + Duration::from_secs(seconds + 2);
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let client = env.client().await?;
-        let body = body.clone();
-        let written = written.clone();
-        tasks.push(tokio::spawn(async move {
-            let stmt = client.prepare(INSERT_MANY).await?;
-            let mut n = 0u64;
-            while Instant::now() < end {
-                let project = format!("p{}", (n as usize * writers + w) % projects + 1);
-                let id = format!("{}-{w}-{n}", now_us());
-                client
-                    .execute(&stmt, &[&id, &project, &body, &ROWS_PER_STATEMENT])
-                    .await?;
-                n += 1;
-                written.fetch_add(ROWS_PER_STATEMENT as u64, Relaxed);
-            }
-            anyhow::Ok(())
-        }));
-    }
+    let load = Writers::start(env, writers, projects, Duration::from_secs(seconds + 2)).await?;
+    let written = load.written.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu = env.cpu_meter();
     let written0 = written.load(Relaxed);
@@ -62,9 +43,7 @@ pub async fn run(
     let deliveries = shared.delivered.load(Relaxed) as f64 / window;
     let events = (written.load(Relaxed) - written0) as f64 / window;
     let (cpu_relay, cpu_pg) = cpu.cores(window);
-    for t in tasks {
-        t.await??;
-    }
+    load.join().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     shared.stop.cancel();
     let totals = subscriber::join_all(subs).await?;
@@ -93,4 +72,56 @@ pub async fn run(
         markdown,
         svg: None,
     })
+}
+
+/// Writers inserting [`ROWS_PER_STATEMENT`]-row statements as fast as they
+/// can, spread over projects `p1`..`pN` in turn, each row's id starting
+/// with its send time.
+pub struct Writers {
+    /// Rows written so far.
+    pub written: Arc<AtomicU64>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Writers {
+    /// Starts `writers` connections writing for `run_for`.
+    pub async fn start(
+        env: &Env,
+        writers: usize,
+        projects: usize,
+        run_for: Duration,
+    ) -> anyhow::Result<Writers> {
+        let body = "y".repeat(150); // frames of about 300 bytes
+        let written = Arc::new(AtomicU64::new(0));
+        let end = Instant::now() + run_for;
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let client = env.client().await?;
+            let body = body.clone();
+            let written = written.clone();
+            tasks.push(tokio::spawn(async move {
+                let stmt = client.prepare(INSERT_MANY).await?;
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    let project = format!("p{}", (n as usize * writers + w) % projects + 1);
+                    let id = format!("{}-{w}-{n}", now_us());
+                    client
+                        .execute(&stmt, &[&id, &project, &body, &ROWS_PER_STATEMENT])
+                        .await?;
+                    n += 1;
+                    written.fetch_add(ROWS_PER_STATEMENT as u64, Relaxed);
+                }
+                anyhow::Ok(())
+            }));
+        }
+        Ok(Writers { written, tasks })
+    }
+
+    /// Waits for the writers to finish; the first one's error, if any.
+    pub async fn join(self) -> anyhow::Result<()> {
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(())
+    }
 }

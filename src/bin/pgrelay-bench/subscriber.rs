@@ -91,13 +91,23 @@ pub async fn start(
     count: usize,
     projects: usize,
 ) -> anyhow::Result<(Shared, Subscribers)> {
+    start_on(env, &[env.addr()], count, projects).await
+}
+
+/// [`start`], the subscribers spread over the relays at `relays` in turn.
+pub async fn start_on(
+    env: &Env,
+    relays: &[SocketAddr],
+    count: usize,
+    projects: usize,
+) -> anyhow::Result<(Shared, Subscribers)> {
     let users: Vec<String> = (0..count).map(|i| format!("u{i}")).collect();
     env.seed_projects(projects, &users).await?;
     let shared = Shared::new()?;
     let mut subs = Vec::new();
     for (i, user) in users.iter().enumerate() {
         subs.push(tokio::spawn(subscriber(
-            env.addr(),
+            relays[i % relays.len()],
             env.token(user)?,
             format!("p{}", i % projects + 1),
             shared.clone(),

@@ -63,6 +63,7 @@ pub fn limits() -> Limits {
     Limits {
         max_frames_per_second: 1_000_000,
         project_signals_per_second: 1_000_000,
+        ..Limits::default()
     }
 }
 
