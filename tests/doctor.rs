@@ -40,6 +40,12 @@ impl Run {
             .to_string()
     }
 
+    /// Asserts that the check named `name` came out `status`, showing it
+    /// when not.
+    fn expect(&self, name: &str, status: &str) {
+        assert_eq!(self.status(name), status, "{name}: {:#}", self.check(name));
+    }
+
     fn fix(&self, name: &str) -> String {
         self.check(name)["fix"]
             .as_str()
@@ -157,7 +163,7 @@ async fn a_healthy_deployment_is_all_ok() {
         "event log",
         "relay",
     ] {
-        assert_eq!(run.status(name), "ok", "{name}: {:#}", run.check(name));
+        run.expect(name, "ok");
     }
     assert!(
         checks.iter().all(|c| c["fix"].is_null()),
@@ -199,7 +205,7 @@ async fn the_deny_all_rule_fails_and_the_printed_rule_passes() {
     .await
     .expect("restoring the default rule");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(run.status("rule"), "fail", "{:#}", run.check("rule"));
+    run.expect("rule", "fail");
     assert_eq!(run.code, 1, "a failed check exits 1");
     assert_eq!(run.report["status"], "fail");
     let fix = run.fix("rule");
@@ -215,7 +221,7 @@ async fn the_deny_all_rule_fails_and_the_printed_rule_passes() {
     .expect("the app's membership table");
     apply(&c, &fix).await;
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(run.status("rule"), "ok", "{:#}", run.check("rule"));
+    run.expect("rule", "ok");
     assert!(run.failed().is_empty(), "{:#}", run.report);
     assert_eq!(run.code, 0);
 }
@@ -231,7 +237,7 @@ async fn a_rule_that_raises_or_is_slow_fails() {
     .await
     .expect("a rule that raises");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(run.status("rule"), "fail", "{:#}", run.check("rule"));
+    run.expect("rule", "fail");
     let summary = run.check("rule")["summary"].as_str().unwrap_or_default();
     assert!(summary.contains("rule broken by a migration"), "{summary}");
     assert!(run.fix("rule").contains("SELECT relay.authorize("));
@@ -243,7 +249,7 @@ async fn a_rule_that_raises_or_is_slow_fails() {
     .await
     .expect("a slow rule");
     let run = doctor(&db.url, &[("PGRELAY_AUTHORIZE_TIMEOUT", "300ms")], &[]).await;
-    assert_eq!(run.status("rule"), "fail", "{:#}", run.check("rule"));
+    run.expect("rule", "fail");
     let summary = run.check("rule")["summary"].as_str().unwrap_or_default();
     assert!(summary.contains("longer than"), "{summary}");
     assert!(run.fix("rule").contains("PGRELAY_AUTHORIZE_TIMEOUT"));
@@ -256,7 +262,7 @@ async fn a_rule_that_raises_or_is_slow_fails() {
     .await
     .expect("a fast rule");
     let run = doctor(&db.url, &[("PGRELAY_AUTHORIZE_TIMEOUT", "300ms")], &[]).await;
-    assert_eq!(run.status("rule"), "ok", "{:#}", run.check("rule"));
+    run.expect("rule", "ok");
 }
 
 #[tokio::test]
@@ -269,12 +275,7 @@ async fn dropped_disabled_and_stray_capture_triggers_are_found_and_the_fixes_res
         .await
         .expect("dropping a trigger");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(
-        run.status("triggers"),
-        "fail",
-        "{:#}",
-        run.check("triggers")
-    );
+    run.expect("triggers", "fail");
     assert_eq!(run.code, 1);
     let fix = run.fix("triggers");
     assert_eq!(
@@ -283,19 +284,14 @@ async fn dropped_disabled_and_stray_capture_triggers_are_found_and_the_fixes_res
     );
     apply(&c, &fix).await;
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(run.status("triggers"), "ok", "{:#}", run.check("triggers"));
+    run.expect("triggers", "ok");
 
     // A trigger disabled: writes go uncaptured.
     c.batch_execute("ALTER TABLE chat.projects DISABLE TRIGGER relay_capture_insert")
         .await
         .expect("disabling a trigger");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(
-        run.status("triggers"),
-        "fail",
-        "{:#}",
-        run.check("triggers")
-    );
+    run.expect("triggers", "fail");
     let fix = run.fix("triggers");
     assert_eq!(
         fix,
@@ -303,7 +299,7 @@ async fn dropped_disabled_and_stray_capture_triggers_are_found_and_the_fixes_res
     );
     apply(&c, &fix).await;
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(run.status("triggers"), "ok", "{:#}", run.check("triggers"));
+    run.expect("triggers", "ok");
 
     // A table left with the TRUNCATE guard alone (capture half removed).
     c.batch_execute(
@@ -314,17 +310,12 @@ async fn dropped_disabled_and_stray_capture_triggers_are_found_and_the_fixes_res
     .await
     .expect("a stray trigger");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(
-        run.status("triggers"),
-        "warn",
-        "{:#}",
-        run.check("triggers")
-    );
+    run.expect("triggers", "warn");
     let fix = run.fix("triggers");
     assert!(fix.starts_with("SELECT relay.disable('notes');"), "{fix}");
     apply(&c, &fix).await;
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(run.status("triggers"), "ok", "{:#}", run.check("triggers"));
+    run.expect("triggers", "ok");
 }
 
 #[tokio::test]
@@ -338,7 +329,7 @@ async fn a_role_without_grants_fails_and_grant_relay_fixes_it() {
         .expect("creating the relay's role");
     let url = as_role(&db.url, &role);
     let run = doctor(&url, &[], &[]).await;
-    assert_eq!(run.status("grants"), "fail", "{:#}", run.check("grants"));
+    run.expect("grants", "fail");
     assert_eq!(run.code, 1);
     let fix = run.fix("grants");
     assert_eq!(
@@ -347,11 +338,11 @@ async fn a_role_without_grants_fails_and_grant_relay_fixes_it() {
     );
     apply(&owner, &fix).await;
     let run = doctor(&url, &[], &[]).await;
-    assert_eq!(run.status("grants"), "ok", "{:#}", run.check("grants"));
+    run.expect("grants", "ok");
     // This database has the chat app, whose rule reads its tables: the
     // relay's role needs chat.grant_api too (docs/deploying.md), and the
     // rule check says so.
-    assert_eq!(run.status("rule"), "fail", "{:#}", run.check("rule"));
+    run.expect("rule", "fail");
     let fix = run.fix("rule");
     assert!(fix.contains("SELECT chat.grant_api("), "{fix}");
     owner
@@ -390,7 +381,7 @@ async fn a_transaction_pooler_on_the_listen_path_fails_and_a_direct_listen_url_p
         ("PGRELAY_LISTEN_DATABASE_URL", db.url.as_str()),
     ];
     let run = doctor(&pooled, &env, &["--listen-timeout", "2s"]).await;
-    assert_eq!(run.status("listen"), "ok", "{:#}", run.check("listen"));
+    run.expect("listen", "ok");
     assert!(run.failed().is_empty(), "{:#}", run.report);
 }
 
@@ -451,12 +442,7 @@ async fn a_standby_whose_role_lacks_pg_read_all_stats_warns_and_the_grant_fixes_
     let replica = as_role(&standby_url, "replica_reader");
     let env = [("PGRELAY_READ_REPLICA_URLS", replica.as_str())];
     let run = doctor(&db.url, &env, &[]).await;
-    assert_eq!(
-        run.status("replica 1"),
-        "warn",
-        "{:#}",
-        run.check("replica 1")
-    );
+    run.expect("replica 1", "warn");
     let summary = run.check("replica 1")["summary"]
         .as_str()
         .unwrap_or_default();
@@ -474,22 +460,12 @@ async fn a_standby_whose_role_lacks_pg_read_all_stats_warns_and_the_grant_fixes_
     )
     .await;
     let run = doctor(&db.url, &env, &[]).await;
-    assert_eq!(
-        run.status("replica 1"),
-        "ok",
-        "{:#}",
-        run.check("replica 1")
-    );
+    run.expect("replica 1", "ok");
 
     // A configured replica that is not there fails.
     let gone = "postgresql://postgres@127.0.0.1:1/nowhere";
     let run = doctor(&db.url, &[("PGRELAY_READ_REPLICA_URLS", gone)], &[]).await;
-    assert_eq!(
-        run.status("replica 1"),
-        "fail",
-        "{:#}",
-        run.check("replica 1")
-    );
+    run.expect("replica 1", "fail");
 }
 
 #[tokio::test]
@@ -528,12 +504,7 @@ async fn a_stuck_listener_filling_the_notice_queue_warns_and_ending_it_passes() 
     .expect("filling the queue");
     let args = ["--notice-queue-warn", "0.0001"];
     let run = doctor(&db.url, &[], &args).await;
-    assert_eq!(
-        run.status("notice queue"),
-        "warn",
-        "{:#}",
-        run.check("notice queue")
-    );
+    run.expect("notice queue", "warn");
     let fix = run.fix("notice queue");
     let first = fix.lines().next().unwrap_or_default();
     assert!(
@@ -548,12 +519,7 @@ async fn a_stuck_listener_filling_the_notice_queue_warns_and_ending_it_passes() 
     .await
     .expect("sending more notices");
     let run = doctor(&db.url, &[], &args).await;
-    assert_eq!(
-        run.status("notice queue"),
-        "ok",
-        "{:#}",
-        run.check("notice queue")
-    );
+    run.expect("notice queue", "ok");
 }
 
 #[tokio::test]
@@ -566,12 +532,7 @@ async fn a_pending_migration_a_channel_mismatch_a_stray_declaration_and_no_reten
         .await
         .expect("forgetting a migration");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(
-        run.status("migrations"),
-        "fail",
-        "{:#}",
-        run.check("migrations")
-    );
+    run.expect("migrations", "fail");
     let summary = run.check("migrations")["summary"]
         .as_str()
         .unwrap_or_default();
@@ -586,12 +547,7 @@ async fn a_pending_migration_a_channel_mismatch_a_stray_declaration_and_no_reten
         .expect("running pgrelay migrate");
     assert!(migrate.status.success(), "{migrate:?}");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(
-        run.status("migrations"),
-        "ok",
-        "{:#}",
-        run.check("migrations")
-    );
+    run.expect("migrations", "ok");
 
     // The database rings another channel than the relay listens on.
     c.batch_execute(&format!(
@@ -601,23 +557,18 @@ async fn a_pending_migration_a_channel_mismatch_a_stray_declaration_and_no_reten
     .await
     .expect("moving the channel");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(run.status("channel"), "fail", "{:#}", run.check("channel"));
+    run.expect("channel", "fail");
     let fix = run.fix("channel");
     assert!(fix.starts_with("PGRELAY_CHANNEL=elsewhere "), "{fix}");
     let run = doctor(&db.url, &[("PGRELAY_CHANNEL", "elsewhere")], &[]).await;
-    assert_eq!(run.status("channel"), "ok", "{:#}", run.check("channel"));
+    run.expect("channel", "ok");
 
     // A membership declaration no tracked table is captured as.
     c.batch_execute("SELECT relay.declare_membership('team_membr')")
         .await
         .expect("a misspelt declaration");
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(
-        run.status("membership"),
-        "warn",
-        "{:#}",
-        run.check("membership")
-    );
+    run.expect("membership", "warn");
     let fix = run.fix("membership");
     assert!(
         fix.starts_with("SELECT relay.declare_membership('team_membr', false);"),
@@ -625,20 +576,10 @@ async fn a_pending_migration_a_channel_mismatch_a_stray_declaration_and_no_reten
     );
     apply(&c, &fix).await;
     let run = doctor(&db.url, &[], &[]).await;
-    assert_eq!(
-        run.status("membership"),
-        "ok",
-        "{:#}",
-        run.check("membership")
-    );
+    run.expect("membership", "ok");
 
     // Retention configured, but no relay runs to trim.
-    assert_eq!(
-        run.status("event log"),
-        "warn",
-        "{:#}",
-        run.check("event log")
-    );
+    run.expect("event log", "warn");
     let summary = run.check("event log")["summary"]
         .as_str()
         .unwrap_or_default();
@@ -649,18 +590,13 @@ async fn a_pending_migration_a_channel_mismatch_a_stray_declaration_and_no_reten
 
     // Retention off: the log grows without bound.
     let run = doctor(&db.url, &[("PGRELAY_NO_RETENTION", "true")], &[]).await;
-    assert_eq!(
-        run.status("event log"),
-        "warn",
-        "{:#}",
-        run.check("event log")
-    );
+    run.expect("event log", "warn");
     assert!(run.fix("event log").contains("relay.trim("));
 
     // A relay that does not answer.
     let closed = format!("http://{}", testkit::process::free_addr().expect("a port"));
     let run = doctor(&db.url, &[], &["--relay-url", &closed]).await;
-    assert_eq!(run.status("relay"), "fail", "{:#}", run.check("relay"));
+    run.expect("relay", "fail");
     assert_eq!(run.code, 1);
 
     // No database at all: one failing line, exit 1.

@@ -213,6 +213,29 @@ async fn filtered_and_unfiltered_subscriptions_on_one_connection_get_exactly_the
     relay.shutdown().await;
 }
 
+/// ann, on a new connection, resumes the `message` view of `p` from
+/// `cursor`: exactly the `messages` messages written since, every other seq
+/// skipped; returns the cursor the view ends on.
+async fn resume_view(
+    c: &Client,
+    addr: std::net::SocketAddr,
+    view: &Value,
+    cursor: &Value,
+    messages: usize,
+) -> Value {
+    let mut ann = WsClient::connect(addr, "ann").await;
+    let mut resume = view.clone();
+    resume["since_seq"] = cursor["seq"].clone();
+    resume["since_timestamp"] = cursor["timestamp"].clone();
+    subscribe_view(&mut ann, resume).await;
+    let at = cursor["seq"].as_u64().expect("seq");
+    let last = latest_seq(c, "p").await;
+    let (seqs, cursor) = read_view(&mut ann, "p", &["message"], at, last).await;
+    assert_eq!(seqs, seqs_of(c, "p", &["message"], at).await);
+    assert_eq!(seqs.len(), messages);
+    cursor
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filtered_view_resumes_across_a_reconnect_and_a_relay_restart() {
     let db = TestDb::new().await;
@@ -234,32 +257,13 @@ async fn a_filtered_view_resumes_across_a_reconnect_and_a_relay_restart() {
     // Written while away, then a resume from the cursor the view ended on
     // (which may name a skipped event, not a message).
     write_mix(&c, "p", 10).await;
-    let mut ann = WsClient::connect(relay.addr, "ann").await;
-    let mut resume = view.clone();
-    resume["since_seq"] = cursor["seq"].clone();
-    resume["since_timestamp"] = cursor["timestamp"].clone();
-    subscribe_view(&mut ann, resume).await;
-    let at = cursor["seq"].as_u64().expect("seq");
-    let last = latest_seq(&c, "p").await;
-    let (second, cursor) = read_view(&mut ann, "p", &["message"], at, last).await;
-    assert_eq!(second, seqs_of(&c, "p", &["message"], at).await);
-    assert_eq!(second.len(), 10);
-    drop(ann);
+    let cursor = resume_view(&c, relay.addr, &view, &cursor, 10).await;
 
     // The relay restarts; more is written meanwhile; resume again.
     relay.shutdown().await;
     write_mix(&c, "p", 5).await;
     let relay = start_relay(relay_config(&db.url)).await;
-    let mut ann = WsClient::connect(relay.addr, "ann").await;
-    let mut resume = view.clone();
-    resume["since_seq"] = cursor["seq"].clone();
-    resume["since_timestamp"] = cursor["timestamp"].clone();
-    subscribe_view(&mut ann, resume).await;
-    let at = cursor["seq"].as_u64().expect("seq");
-    let last = latest_seq(&c, "p").await;
-    let (third, _) = read_view(&mut ann, "p", &["message"], at, last).await;
-    assert_eq!(third, seqs_of(&c, "p", &["message"], at).await);
-    assert_eq!(third.len(), 5);
+    resume_view(&c, relay.addr, &view, &cursor, 5).await;
     relay.shutdown().await;
 }
 

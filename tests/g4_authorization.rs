@@ -36,20 +36,8 @@ async fn close_code_for(addr: std::net::SocketAddr, token: &str) -> Option<u16> 
 fn es256_keys() -> (Vec<u8>, Vec<u8>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = dir.path().join("key.pem");
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("running openssl (install the openssl package)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
     let key_path = key.to_str().expect("utf-8 path");
-    run(&[
+    openssl(&[
         "genpkey",
         "-algorithm",
         "EC",
@@ -58,25 +46,8 @@ fn es256_keys() -> (Vec<u8>, Vec<u8>) {
         "-out",
         key_path,
     ]);
-    let public = run(&["pkey", "-in", key_path, "-pubout"]);
+    let public = openssl(&["pkey", "-in", key_path, "-pubout"]);
     (std::fs::read(&key).expect("reading the key"), public)
-}
-
-fn base64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

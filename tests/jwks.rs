@@ -45,18 +45,6 @@ struct TestKey {
     jwk: Value,
 }
 
-fn openssl(args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("running openssl (install the openssl package)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn key(kid: &str, alg: Algorithm) -> TestKey {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("key.pem");
@@ -82,7 +70,7 @@ fn key(kid: &str, alg: Algorithm) -> TestKey {
         ]),
         Algorithm::EdDSA => openssl(&["genpkey", "-algorithm", "ED25519", "-out", out]),
         other => panic!("no test keys for {other:?}"),
-    }
+    };
     let pem = std::fs::read(&path).expect("reading the key");
     let encoding = match alg {
         Algorithm::RS256 => EncodingKey::from_rsa_pem(&pem),
@@ -118,23 +106,6 @@ fn sign_as(key: &TestKey, kid: &str, alg: Algorithm, claims: &Value) -> String {
     let mut header = Header::new(alg);
     header.kid = Some(kid.to_string());
     encode(&header, claims, &key.encoding).expect("signing")
-}
-
-fn base64url(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 /// `token` with its header replaced by one naming `kid` (the signature no

@@ -71,6 +71,14 @@ LANGUAGE sql AS $$
                      AND (strpos(relay.render(e), p_text) > 0 OR strpos(relay.render(e, false), p_text) > 0))
 $$;
 
+-- The accounts table's choice as relay.tracked_columns shows it:
+-- (column_choice, chosen_columns, row_data).
+CREATE FUNCTION pg_temp.choice() RETURNS text
+LANGUAGE sql AS $$
+    SELECT (column_choice, chosen_columns, row_data)::text FROM relay.tracked_columns
+    WHERE table_name = 'sqltest_accounts'::regclass
+$$;
+
 ----------------------------------------------------------------------------
 -- Deny-list.
 ----------------------------------------------------------------------------
@@ -82,8 +90,7 @@ DECLARE
     v_keys text[];
 BEGIN
     PERFORM relay.enable('sqltest_accounts', 'account', p_exclude_columns => ARRAY['pw_hash', 'note']);
-    ASSERT (SELECT (column_choice, chosen_columns, row_data)::text FROM relay.tracked_columns
-            WHERE table_name = 'sqltest_accounts'::regclass) = '(except,"{note,pw_hash}",t)',
+    ASSERT pg_temp.choice() = '(except,"{note,pw_hash}",t)',
         'deny-list: relay.tracked_columns shows the choice';
 
     v_from := pg_temp.latest();
@@ -188,8 +195,7 @@ BEGIN
             END IF;
         END;
     END LOOP;
-    ASSERT (SELECT (column_choice, chosen_columns, row_data)::text FROM relay.tracked_columns
-            WHERE table_name = 'sqltest_accounts'::regclass) = '(except,"{note,pw_hash}",t)',
+    ASSERT pg_temp.choice() = '(except,"{note,pw_hash}",t)',
         'after refused relay.enable calls: expected the deny-list unchanged';
 END
 $$;
@@ -204,8 +210,7 @@ DECLARE
     v_from bigint;
 BEGIN
     PERFORM relay.enable('sqltest_accounts', 'account', p_columns => ARRAY['name', 'id']);
-    ASSERT (SELECT (column_choice, chosen_columns, row_data)::text FROM relay.tracked_columns
-            WHERE table_name = 'sqltest_accounts'::regclass) = '(only,{name},t)',
+    ASSERT pg_temp.choice() = '(only,{name},t)',
         'allow-list: relay.tracked_columns shows the choice (id and scope implied)';
 
     v_from := pg_temp.latest();
