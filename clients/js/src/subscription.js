@@ -210,24 +210,22 @@ export class Subscription extends Emitter {
   }
 
   _onEvent(frame) {
-    if (this.ended || this._cursor === null) return;
-    const where = Cursor.place(this._cursor, frame);
-    if (where === "duplicate") {
-      this.stats.duplicates++;
-      return;
-    }
-    if (where === "ahead") {
-      this._hold(frame);
-      return;
-    }
-    this._deliver(frame);
-    this._drain();
+    this._arrive(frame);
   }
 
   /** A `skipped` range: the relay passed over events the filter leaves out. */
   _onSkipped(frame) {
-    if (this.ended || this._cursor === null || !Cursor.isSkipped(frame)) return;
-    const where = Cursor.placeSkipped(this._cursor, frame);
+    if (Cursor.isSkipped(frame)) this._arrive(frame);
+  }
+
+  /**
+   * An event or a skipped range, placed against the cursor: a duplicate is
+   * counted and dropped, one past a gap is held until the gap is filled,
+   * the next one is applied (and lets go of the held ones it reaches).
+   */
+  _arrive(frame) {
+    if (this.ended || this._cursor === null) return;
+    const where = this._place(frame);
     if (where === "duplicate") {
       this.stats.duplicates++;
       return;
@@ -236,8 +234,13 @@ export class Subscription extends Emitter {
       this._hold(frame);
       return;
     }
-    this._skip(frame);
+    this._apply(frame);
     this._drain();
+  }
+
+  _apply(frame) {
+    if (frame.type === "skipped") this._skip(frame);
+    else this._deliver(frame);
   }
 
   _onReset(frame) {
@@ -307,8 +310,7 @@ export class Subscription extends Emitter {
       if (where === "ahead") break;
       this._held.delete(key);
       if (where !== "next") this.stats.duplicates++;
-      else if (frame.type === "skipped") this._skip(frame);
-      else this._deliver(frame);
+      else this._apply(frame);
     }
   }
 
