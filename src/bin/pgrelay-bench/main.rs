@@ -171,35 +171,8 @@ enum Scenario {
     /// broadcast rate the database takes and what it costs a writer,
     /// presence latency and memory; every figure per run and its median.
     Signals {
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Subscriber counts of the latency part, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
-        subscribers: Vec<usize>,
-        /// Broadcasts per second in the latency part.
-        #[arg(long, default_value_t = 50)]
-        rate: u64,
-        /// Seconds each timed phase lasts.
-        #[arg(long, default_value_t = 6)]
-        seconds: u64,
-        /// Closed-loop sender connections in the ceiling part.
-        #[arg(long, default_value_t = 4)]
-        senders: usize,
-        /// Unacknowledged broadcasts each of them keeps outstanding.
-        #[arg(long, default_value_t = 32)]
-        in_flight: usize,
-        /// Users who join, update and leave in the presence part.
-        #[arg(long, default_value_t = 100)]
-        presence_users: usize,
-        /// Presence changes per second.
-        #[arg(long, default_value_t = 20)]
-        presence_rate: u64,
-        /// Connections of the memory part.
-        #[arg(long, default_value_t = 10_000)]
-        present: usize,
-        /// Projects they spread over.
-        #[arg(long, default_value_t = 1_000)]
-        present_projects: usize,
+        #[command(flatten)]
+        opts: signals::Options,
     },
     /// Runs the relay for the other scenarios (internal).
     #[command(hide = true)]
@@ -315,32 +288,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 stalled::run(&env, &opts).await?
             }
-            Scenario::Signals {
-                runs,
-                subscribers,
-                rate,
-                seconds,
-                senders,
-                in_flight,
-                presence_users,
-                presence_rate,
-                present,
-                present_projects,
-            } => {
-                let opts = signals::Options {
-                    runs,
-                    subscribers,
-                    rate,
-                    seconds,
-                    senders,
-                    in_flight,
-                    presence_users,
-                    presence_rate,
-                    present,
-                    present_projects,
-                };
-                signals::run(&env, &opts).await?
-            }
+            Scenario::Signals { opts } => signals::run(&env, &opts).await?,
             Scenario::Relay { .. } => unreachable!("handled above"),
         };
         report::write(&cli.out, &result)?;

@@ -35,26 +35,37 @@ use crate::env::Env;
 use crate::relay::Limits;
 use crate::report::{machine, Outcome};
 
-/// What the scenario is asked to do.
-#[derive(Clone, Debug)]
+/// What the scenario is asked to do (its command-line options).
+#[derive(clap::Args, Clone, Debug)]
 pub struct Options {
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Subscriber counts of the latency part.
+    /// Subscriber counts of the latency part, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     pub subscribers: Vec<usize>,
     /// Broadcasts per second in the latency part.
+    #[arg(long, default_value_t = 50)]
     pub rate: u64,
     /// Seconds each timed phase lasts.
+    #[arg(long, default_value_t = 6)]
     pub seconds: u64,
-    /// Sender connections (relay 1) in the ceiling part, each keeping
-    /// `in_flight` acknowledged broadcasts outstanding.
+    /// Closed-loop sender connections (relay 1) in the ceiling part.
+    #[arg(long, default_value_t = 4)]
     pub senders: usize,
+    /// Unacknowledged broadcasts each of them keeps outstanding.
+    #[arg(long, default_value_t = 32)]
     pub in_flight: usize,
-    /// Users who join, update and leave in the presence part, and how many
-    /// of those changes per second.
+    /// Users who join, update and leave in the presence part.
+    #[arg(long, default_value_t = 100)]
     pub presence_users: usize,
+    /// Presence changes per second.
+    #[arg(long, default_value_t = 20)]
     pub presence_rate: u64,
-    /// Connections of the memory part, and the projects they spread over.
+    /// Connections of the memory part.
+    #[arg(long, default_value_t = 10_000)]
     pub present: usize,
+    /// Projects they spread over.
+    #[arg(long, default_value_t = 1_000)]
     pub present_projects: usize,
 }
 
