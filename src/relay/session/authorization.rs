@@ -36,7 +36,7 @@ impl Session {
         if self.subs.is_empty() {
             return Ok(());
         }
-        let scopes: Vec<String> = self.subs.keys().cloned().collect();
+        let scopes: Vec<String> = self.subs.keys().map(|k| k.to_string()).collect();
         self.ctx
             .metrics
             .reauthorized(RecheckCause::Schedule, scopes.len());

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::socket::{text, End, Out};
 use super::{outcome_for, Session, Subscription};
-use crate::metrics::{Metrics, RecheckCause};
+use crate::metrics::{Metrics, RecheckCause, Tally};
 use crate::relay::hub::RingRead;
 use crate::relay::log::{Batch, Cursor, Frame, ReadLimits};
 use crate::relay::protocol::{self, reset_reason};
@@ -98,17 +98,17 @@ impl Session {
     {
         // Signals first: they are small, and late ones are worth little.
         let mut more = self.write_signals(out).await? == Step::SocketFull;
-        let mut scopes: Vec<String> = if more {
-            Vec::new()
-        } else {
-            self.subs.keys().cloned().collect()
-        };
-        if !scopes.is_empty() {
-            self.turn = self.turn.wrapping_add(1);
-            let first = self.turn % scopes.len();
-            scopes.rotate_left(first);
+        let mut turns = std::mem::take(&mut self.turns);
+        turns.clear();
+        if !more {
+            turns.extend(self.subs.keys().cloned());
         }
-        for scope in scopes {
+        if !turns.is_empty() {
+            self.turn = self.turn.wrapping_add(1);
+            let first = self.turn % turns.len();
+            turns.rotate_left(first);
+        }
+        for scope in turns.drain(..) {
             match self.pump_one(&scope, out).await? {
                 Step::Idle => {}
                 Step::More => more = true,
@@ -118,6 +118,7 @@ impl Session {
                 }
             }
         }
+        self.turns = turns;
         out.drain(&self.ctx.metrics).await?;
         if more {
             self.mailbox.wake();
@@ -355,6 +356,14 @@ where
         bytes: 0,
         socket_full: false,
     };
+    // One clock read and one round of shared counter updates per batch:
+    // the frames of a batch leave within microseconds of each other, and
+    // every session's deliveries add to the same counters.
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let mut sent = Sent {
+        metrics,
+        delays: Tally::default(),
+    };
     for frame in frames {
         if !sub.wants(&frame.resource) {
             // Passed over (G10): the cursor moves; the client is told with
@@ -378,10 +387,7 @@ where
             written.socket_full = true;
             break;
         }
-        metrics.events_sent.fetch_add(1, Relaxed);
-        let now_us = chrono::Utc::now().timestamp_micros();
-        metrics
-            .delivery_delay
+        sent.delays
             .observe_us(now_us.saturating_sub(frame.captured_us).max(0) as u64);
         sub.cursor = Cursor::at(frame);
         written.frames += 1;
@@ -391,10 +397,28 @@ where
             break;
         }
     }
+    drop(sent);
     if !written.socket_full && !send_skipped(out, sub).await? {
         written.socket_full = true;
     }
     Ok(written)
+}
+
+/// The frames a batch queued, added to the shared counters once, when the
+/// batch ends (an early return on a failed socket included).
+struct Sent<'a> {
+    metrics: &'a Metrics,
+    delays: Tally,
+}
+
+impl Drop for Sent<'_> {
+    fn drop(&mut self) {
+        let n = self.delays.count();
+        if n > 0 {
+            self.metrics.events_sent.fetch_add(n, Relaxed);
+            self.metrics.delivery_delay.add(&self.delays);
+        }
+    }
 }
 
 /// Tells the client of the events the filter passed over, up to the

@@ -171,6 +171,7 @@ pub async fn run<S>(
         ctx: ctx.clone(),
         identity,
         subs: HashMap::new(),
+        turns: Vec::new(),
         mailbox: Mailbox::new(NEXT_CONNECTION.fetch_add(1, Relaxed)),
         retry_at: None,
         budget: FrameBudget::new(ctx.limits.max_frames_per_second),
@@ -220,7 +221,12 @@ impl Drop for Session {
 struct Session {
     ctx: Arc<SessionContext>,
     identity: Identity,
-    subs: HashMap<String, Subscription>,
+    /// Keyed by shared names, so a turn of `pump` names each scope
+    /// without copying it.
+    subs: HashMap<Arc<str>, Subscription>,
+    /// The order of `pump`'s turns, refilled each time (kept for its
+    /// capacity: a wake allocates nothing).
+    turns: Vec<Arc<str>>,
     /// Rung by topics when they publish, and by ourselves for more work.
     mailbox: Arc<Mailbox>,
     /// After a failed log read, when to try again.
@@ -461,7 +467,7 @@ impl Session {
             }
             ClientMessage::PresenceLeave { scope } => self.set_presence(scope, None, out).await,
             ClientMessage::Unsubscribe { scope } => {
-                if let Some(sub) = self.subs.remove(&scope) {
+                if let Some(sub) = self.subs.remove(scope.as_str()) {
                     self.drop_subscription(sub);
                     out.text(protocol::unsubscribed_frame(&scope)).await
                 } else {

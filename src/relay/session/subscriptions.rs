@@ -2,6 +2,7 @@
 //! cursor, and the `reset` it starts with), and what ending one lets go of.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -26,7 +27,9 @@ impl Session {
         let error = |code: &str, message: &str| {
             protocol::error_frame(code, message, Some("subscribe"), Some(&scope))
         };
-        if !self.subs.contains_key(&scope) && self.subs.len() >= self.ctx.limits.max_subscriptions {
+        if !self.subs.contains_key(scope.as_str())
+            && self.subs.len() >= self.ctx.limits.max_subscriptions
+        {
             self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
             let frame = error(
                 code::TOO_MANY_SUBSCRIPTIONS,
@@ -59,7 +62,7 @@ impl Session {
                 Ok(true) => (state, tracked),
                 Ok(false) => {
                     // Refused now: whatever was allowed before ends too.
-                    if let Some(old) = self.subs.remove(&scope) {
+                    if let Some(old) = self.subs.remove(scope.as_str()) {
                         self.drop_subscription(old);
                     }
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
@@ -80,7 +83,7 @@ impl Session {
         // Re-subscribing replaces the old cursor; the connection stays in
         // the scope's presence.
         let mut present = false;
-        if let Some(mut old) = self.subs.remove(&scope) {
+        if let Some(mut old) = self.subs.remove(scope.as_str()) {
             present = std::mem::take(&mut old.present);
             self.drop_subscription(old);
         }
@@ -94,7 +97,7 @@ impl Session {
         // is checked by its first read.
         let checked_in = (cursor == state.latest()).then_some(generation);
         self.subs.insert(
-            scope.clone(),
+            Arc::from(scope.as_str()),
             Subscription {
                 topic,
                 id,
