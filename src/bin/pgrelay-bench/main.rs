@@ -306,13 +306,19 @@ fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&result.json)?);
         env.stop()?;
         // A result that is not a valid measurement is written, then fails
-        // the run.
+        // the run with its own exit status, which scripts tell from a
+        // crash.
         if let Some(why) = result.json.get("failed").and_then(|v| v.as_str()) {
-            anyhow::bail!("{}: {why}", result.name);
+            eprintln!("{}: not a valid measurement: {why}", result.name);
+            std::process::exit(INVALID_RUN);
         }
         Ok(())
     })
 }
+
+/// The exit status of a run whose result is written but flagged `failed`
+/// (see [`report::Outcome`]); errors exit with 1.
+const INVALID_RUN: i32 = 2;
 
 /// Every client and relay connection is a file descriptor, on both ends
 /// of the loopback: 100,000 connections cost the bench and the relay (its
