@@ -3,9 +3,8 @@
 //! subscriber is still served promptly while they are all connected.
 //!
 //! The idle clients are [`lightws`] connections, so the load generator's
-//! own memory and CPU stay small next to the relay's. Loopback gives about
-//! 28,000 ephemeral ports per source address, so the clients are spread
-//! over 127.0.0.2, .3, ... (`per_source` each). The relay's RSS is sampled
+//! own memory and CPU stay small next to the relay's, spread over source
+//! addresses by [`loopback`] (`per_source` each). The relay's RSS is sampled
 //! as they open (the curve of RSS against connections).
 //!
 //! Probes: one new subscriber at a time subscribes to a project no idle
@@ -29,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::env::Env;
 use crate::lightws::Conn;
+use crate::loopback;
 use crate::report::{machine, Outcome};
 use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles};
 use crate::subscriber::{sent_us, SUBSCRIBE_WAIT};
@@ -76,17 +76,11 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         .into();
     let probe_project = format!("p{}", PROJECTS + 1);
 
-    check_open_files(env, count)?;
+    loopback::check_open_files(env, count)?;
     let baseline = probe(env, &tokens[0], &probe_project, opts).await?;
     let rss_before = env.relay.rss_kib();
     let kernel_before = Kernel::read();
-    let sources = count.div_ceil(opts.per_source.max(1));
-    if sources > 250 {
-        bail!(
-            "{count} clients at {} per source address need more than 127.0.0.2..251",
-            opts.per_source
-        );
-    }
+    let sources = loopback::sources(count, opts.per_source)?;
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -133,7 +127,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
                 add_probe_point(&mut curve, k, &probed);
             }
             let permit = gate.clone().acquire_owned().await?;
-            let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (k / opts.per_source) as u8));
+            let source = loopback::source(k, opts.per_source);
             let client = Client {
                 source,
                 token: tokens.clone(),
@@ -364,49 +358,6 @@ async fn probe(env: &Env, token: &str, project: &str, opts: &Options) -> anyhow:
         tokio::time::sleep(opts.probe_gap).await;
     }
     Ok(probed)
-}
-
-/// Files each process needs besides the crowd's sockets (Postgres
-/// connections, the listener, probes, the runtime's own).
-const SPARE_FILES: u64 = 200;
-
-/// Fails before opening anything when the bench or the relay could not
-/// hold `count` sockets: a run that dies at the limit midway says less.
-/// Both ends of every loopback connection are a file, one in each process.
-fn check_open_files(env: &Env, count: usize) -> anyhow::Result<()> {
-    let need = count as u64 + SPARE_FILES;
-    for (who, pid) in [
-        ("the bench", std::process::id()),
-        ("the relay", env.relay.pid()),
-    ] {
-        let (soft, hard) = open_files_limit(pid)?;
-        if soft < need {
-            bail!(
-                "{count} connections need {need} open files in {who} (pid {pid}); its RLIMIT_NOFILE \
-                 is {soft} (hard {hard}), and raising the hard limit needs root with \
-                 CAP_SYS_RESOURCE (or run under `prlimit --nofile={need}`); at most {} \
-                 connections fit",
-                soft.saturating_sub(SPARE_FILES)
-            );
-        }
-    }
-    Ok(())
-}
-
-/// A process's RLIMIT_NOFILE (soft, hard), from `/proc/PID/limits`.
-fn open_files_limit(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let path = format!("/proc/{pid}/limits");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .with_context(|| format!("{path} has no open-files line"))?;
-    let mut fields = line["Max open files".len()..].split_whitespace();
-    let mut next = || -> anyhow::Result<u64> {
-        let field = fields.next().context("short open-files line")?;
-        Ok(field.parse().unwrap_or(u64::MAX)) // "unlimited"
-    };
-    Ok((next()?, next()?))
 }
 
 /// What the kernel holds for sockets: slab memory (machine-wide, so

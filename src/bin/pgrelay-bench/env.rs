@@ -149,6 +149,25 @@ impl Env {
         }
     }
 
+    /// Starts measuring the CPU of the relay, of this run's Postgres (the
+    /// primary alone, not other servers on the machine), of this bench
+    /// process and of the whole machine, from now on.
+    pub fn cpu_split(&self) -> anyhow::Result<CpuSplit<'_>> {
+        Ok(CpuSplit {
+            env: self,
+            start: self.cpu_now()?,
+        })
+    }
+
+    fn cpu_now(&self) -> anyhow::Result<Cores> {
+        Ok(Cores {
+            relay: self.relay.cpu_seconds(),
+            postgres: self.primary_cpu_seconds()?,
+            bench: testkit::process::cpu_seconds(std::process::id()),
+            machine: machine_busy_seconds()?,
+        })
+    }
+
     /// Stops the relay (SIGTERM, a graceful shutdown), then Postgres.
     pub fn stop(self) -> anyhow::Result<()> {
         let Env {
@@ -213,3 +232,68 @@ impl CpuMeter<'_> {
         )
     }
 }
+
+/// CPU used since [`Env::cpu_split`], each part apart: on a shared
+/// machine, what the rest used (`machine` less the three) tells a quiet
+/// run from a contended one.
+pub struct CpuSplit<'a> {
+    env: &'a Env,
+    start: Cores,
+}
+
+/// CPU seconds, or cores once divided by a window.
+#[derive(Clone, Copy, Debug)]
+pub struct Cores {
+    pub relay: f64,
+    pub postgres: f64,
+    pub bench: f64,
+    /// Every CPU of the machine, busy (not idle or waiting on I/O).
+    pub machine: f64,
+}
+
+impl Cores {
+    /// What neither the relay, nor this run's Postgres, nor the bench used.
+    pub fn others(&self) -> f64 {
+        (self.machine - self.relay - self.postgres - self.bench).max(0.0)
+    }
+}
+
+impl CpuSplit<'_> {
+    /// Cores used on average over a window of `seconds`.
+    pub fn cores(&self, seconds: f64) -> anyhow::Result<Cores> {
+        let now = self.env.cpu_now()?;
+        let per_s = |a: f64, b: f64| (a - b) / seconds;
+        Ok(Cores {
+            relay: per_s(now.relay, self.start.relay),
+            postgres: per_s(now.postgres, self.start.postgres),
+            bench: per_s(now.bench, self.start.bench),
+            machine: per_s(now.machine, self.start.machine),
+        })
+    }
+}
+
+/// Busy CPU seconds of the whole machine since boot, from the first line
+/// of `/proc/stat` (user, nice, system, irq, softirq and steal; guest time
+/// is inside user already).
+fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no cpu line")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse::<f64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("unparsable /proc/stat line {line:?}"))?;
+    if ticks.len() < 8 {
+        anyhow::bail!("short /proc/stat line {line:?}");
+    }
+    // user nice system idle iowait irq softirq steal
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
+    Ok(busy / USER_HZ)
+}
+
+/// Linux's USER_HZ, the unit of `/proc/stat`.
+const USER_HZ: f64 = 100.0;

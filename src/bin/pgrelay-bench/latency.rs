@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use testkit::listen::{Notice, Notices};
 use testkit::now_us;
+use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -39,40 +40,22 @@ pub async fn run(
     ));
 
     // Writers at a fixed total rate: 4 connections, each paced.
-    let writers = 4usize;
-    let per_writer_interval = Duration::from_secs_f64(writers as f64 / rate as f64);
     let warmup = Duration::from_secs(2);
-    let total = warmup + Duration::from_secs(seconds);
-    let written = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..writers {
-        let client = env.client().await?;
-        let written = written.clone();
-        let body = "x".repeat(150);
-        tasks.push(tokio::spawn(async move {
-            let stmt = client.prepare(INSERT).await?;
-            let mut tick = tokio::time::interval(per_writer_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let end = Instant::now() + total;
-            let mut n = 0u64;
-            while Instant::now() < end {
-                tick.tick().await;
-                let project = format!("p{}", (n as usize * writers + w) % projects + 1);
-                insert_one(&client, &stmt, &project, w, n, &body).await?;
-                n += 1;
-                written.fetch_add(1, Relaxed);
-            }
-            anyhow::Ok(n)
-        }));
-    }
+    let load = PacedWriters::start(
+        env,
+        4,
+        rate,
+        projects,
+        warmup + Duration::from_secs(seconds),
+    )
+    .await?;
+    let written = load.written.clone();
     tokio::time::sleep(warmup).await;
     let cpu = env.cpu_meter();
     let written0 = written.load(Relaxed);
     shared.measuring.store(true, Relaxed);
     let t0 = Instant::now();
-    for t in tasks {
-        t.await??;
-    }
+    load.join().await?;
     shared.measuring.store(false, Relaxed);
     let window = t0.elapsed().as_secs_f64();
     let written_window = written.load(Relaxed) - written0;
@@ -129,9 +112,74 @@ pub async fn run(
     })
 }
 
+/// Writers committing one event per statement at a fixed total rate,
+/// spread over projects `p1`..`pN` in turn, each row's id starting with its
+/// send time.
+pub struct PacedWriters {
+    /// Events committed so far.
+    pub written: Arc<AtomicU64>,
+    /// Events committed so far to each project (`p1` first): what each of
+    /// its subscribers must receive.
+    pub per_project: Arc<[AtomicU64]>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl PacedWriters {
+    /// Starts `writers` connections committing `rate` events per second
+    /// between them for `run_for`. A writer that falls behind its pace
+    /// (a commit slower than its share of a second) sends its missed
+    /// statements back to back: the rate reached is the caller's to check.
+    pub async fn start(
+        env: &Env,
+        writers: usize,
+        rate: u64,
+        projects: usize,
+        run_for: Duration,
+    ) -> anyhow::Result<PacedWriters> {
+        let interval = Duration::from_secs_f64(writers as f64 / rate.max(1) as f64);
+        let written = Arc::new(AtomicU64::new(0));
+        let per_project: Arc<[AtomicU64]> = (0..projects).map(|_| AtomicU64::new(0)).collect();
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let client = env.client().await?;
+            let (written, per_project) = (written.clone(), per_project.clone());
+            let body = "x".repeat(150);
+            tasks.push(tokio::spawn(async move {
+                let stmt = client.prepare(INSERT).await?;
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let end = Instant::now() + run_for;
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    tick.tick().await;
+                    let p = (n as usize * writers + w) % projects;
+                    insert_one(&client, &stmt, &format!("p{}", p + 1), w, n, &body).await?;
+                    n += 1;
+                    written.fetch_add(1, Relaxed);
+                    per_project[p].fetch_add(1, Relaxed);
+                }
+                anyhow::Ok(())
+            }));
+        }
+        Ok(PacedWriters {
+            written,
+            per_project,
+            tasks,
+        })
+    }
+
+    /// Waits for the writers to finish; the first one's error, if any.
+    pub async fn join(self) -> anyhow::Result<()> {
+        for t in self.tasks {
+            t.await??;
+        }
+        Ok(())
+    }
+}
+
 /// The baseline: LISTEN straight on Postgres, same writes, same clock.
 /// Each notice was stamped as it came off the connection.
-async fn baseline_listener(
+pub async fn baseline_listener(
     mut notices: Notices,
     hist: Arc<Mutex<Histogram<u64>>>,
     measuring: Arc<AtomicBool>,

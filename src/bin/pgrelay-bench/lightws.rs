@@ -9,15 +9,24 @@
 //! dozen bytes of state besides the socket, answers the relay's pings (it
 //! closes a silent peer) and reads nothing else.
 //!
+//! A receiving client ([`Conn::receive`]) reads into one buffer per
+//! thread, not one per connection, and hands every text frame of a read
+//! to its caller: a thousand subscribers at a thousand events a second
+//! cost the load generator one read per wake-up and a scan of the bytes,
+//! not a tungstenite message per frame.
+//!
 //! Only what the relay sends is understood: unfragmented frames, no
 //! extensions. A close frame, or anything unexpected, ends the client with
 //! an error, so a connection the relay dropped is counted, not hidden.
 
+use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +40,17 @@ const PONG: [u8; 6] = [0x80 | 0xA, 0x80, 0, 0, 0, 0];
 
 /// Upgrade responses longer than this are not the relay's.
 const MAX_RESPONSE_HEAD: usize = 4096;
+
+/// Bytes asked of the socket per read by a receiving client: many frames
+/// of a few hundred bytes each.
+const READ_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// The buffer every receiving connection on this thread reads into.
+    /// It is borrowed only inside one poll of one connection (never
+    /// across an await), so the connections of a thread share it.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// An open, upgraded connection, with what was read past the last frame.
 pub struct Conn {
@@ -131,15 +151,50 @@ impl Conn {
         }
     }
 
-    /// Subscribes to `project` and waits for its `subscribed` frame.
-    pub async fn subscribe(&mut self, project: &str, wait: Duration) -> anyhow::Result<()> {
+    /// Subscribes to `project` and waits for its `subscribed` frame;
+    /// returns the seq it names (0 when the project has no event yet), the
+    /// last one before this subscription's events.
+    pub async fn subscribe(&mut self, project: &str, wait: Duration) -> anyhow::Result<u64> {
         let request = testkit::ws::subscribe_request(project, None).to_string();
         self.send_text(&request).await?;
         let frame = self.next_text(wait).await?;
         if !frame.contains(r#""type":"subscribed""#) {
             bail!("expected subscribed, got {frame}");
         }
-        Ok(())
+        Ok(crate::subscriber::seq_of(&frame).unwrap_or(0))
+    }
+
+    /// Receives until `stop`, handing each text frame's payload to
+    /// `on_text` with the time its read returned ([`testkit::now_us`]);
+    /// pings are answered. Each wake-up is one read of up to 64 KiB into
+    /// the thread's buffer, every whole frame in it handled at once; only
+    /// a frame cut by the read's end is kept, in the connection's own
+    /// (usually empty) buffer. `Err`: the relay closed or ended the
+    /// connection, or a read failed.
+    pub async fn receive(
+        self,
+        stop: &CancellationToken,
+        mut on_text: impl FnMut(&[u8], u64),
+    ) -> anyhow::Result<()> {
+        let Conn {
+            mut stream,
+            buf: mut kept,
+        } = self;
+        // Frames that came with the `subscribed` reply.
+        let (mut pings, used) = split_frames(&kept, testkit::now_us(), &mut on_text)?;
+        kept.drain(..used);
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
+        loop {
+            for _ in 0..pings {
+                stream.write_all(&PONG).await?;
+            }
+            pings = tokio::select! {
+                biased;
+                _ = &mut stopped => return Ok(()),
+                read = std::future::poll_fn(|cx| poll_frames(&mut stream, &mut kept, cx, &mut on_text)) => read?,
+            };
+        }
     }
 
     /// Holds the connection until `stop`, answering pings and discarding
@@ -164,6 +219,65 @@ impl Conn {
             pings = read_available(&stream, &mut frames)?;
         }
     }
+}
+
+/// One read into the thread's buffer, behind the bytes `kept` from the
+/// last one; hands out the whole frames and keeps the rest. Ready with
+/// the pings read. A read through `poll_read` that fills less than it was
+/// offered tells tokio the socket is drained, so a wake-up costs one
+/// `read` call, not a second one that would block.
+fn poll_frames(
+    stream: &mut TcpStream,
+    kept: &mut Vec<u8>,
+    cx: &mut TaskContext<'_>,
+    on_text: &mut impl FnMut(&[u8], u64),
+) -> Poll<anyhow::Result<u32>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let carried = kept.len();
+        if scratch.len() < carried + READ_CHUNK {
+            scratch.resize(carried + READ_CHUNK, 0);
+        }
+        let mut read = ReadBuf::new(&mut scratch[carried..]);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = read.filled().len();
+        if n == 0 {
+            return Poll::Ready(Err(anyhow::anyhow!("relay ended the connection")));
+        }
+        scratch[..carried].copy_from_slice(kept);
+        let bytes = &scratch[..carried + n];
+        Poll::Ready(
+            split_frames(bytes, testkit::now_us(), on_text).map(|(pings, used)| {
+                kept.clear();
+                kept.extend_from_slice(&bytes[used..]);
+                pings
+            }),
+        )
+    })
+}
+
+/// Hands every whole text frame at the start of `bytes` to `on_text`
+/// (stamped `at`); returns the pings among them and the bytes they span.
+fn split_frames(
+    bytes: &[u8],
+    at: u64,
+    on_text: &mut impl FnMut(&[u8], u64),
+) -> anyhow::Result<(u32, usize)> {
+    let (mut pings, mut used) = (0, 0);
+    while let Some((opcode, range, total)) = parse_frame(&bytes[used..])? {
+        let payload = &bytes[used + range.start..used + range.end];
+        match opcode {
+            OP_TEXT => on_text(payload, at),
+            OP_PING => pings += 1,
+            OP_CLOSE => bail!("relay closed: {}", close_reason(payload)),
+            _ => {}
+        }
+        used += total;
+    }
+    Ok((pings, used))
 }
 
 /// Reads whatever the socket holds through a stack buffer (not part of
@@ -310,6 +424,39 @@ mod tests {
             let pings = s.feed(&stream[..split]).unwrap() + s.feed(&stream[split..]).unwrap();
             assert_eq!(pings, 2, "split at {split}");
         }
+    }
+
+    #[test]
+    fn split_frames_hands_out_whole_frames_and_keeps_the_rest() {
+        let text = |s: &str| {
+            let mut f = vec![0x81, s.len() as u8];
+            f.extend_from_slice(s.as_bytes());
+            f
+        };
+        let mut stream = text("one");
+        stream.extend([0x89, 0]);
+        stream.extend(text("two"));
+        for cut in 0..=stream.len() {
+            let mut got = Vec::new();
+            let (pings, used) = split_frames(&stream[..cut], 7, &mut |p: &[u8], at| {
+                got.push((p.to_vec(), at))
+            })
+            .unwrap();
+            let mut rest = stream[used..cut].to_vec();
+            rest.extend_from_slice(&stream[cut..]);
+            let (more_pings, more_used) =
+                split_frames(&rest, 8, &mut |p: &[u8], at| got.push((p.to_vec(), at))).unwrap();
+            assert_eq!(more_used, rest.len(), "cut at {cut}");
+            assert_eq!(pings + more_pings, 1, "cut at {cut}");
+            let payloads: Vec<&[u8]> = got.iter().map(|(p, _)| p.as_slice()).collect();
+            assert_eq!(payloads, [&b"one"[..], b"two"], "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn split_frames_reports_close() {
+        let r = split_frames(&[0x88, 2, 0x03, 0xE8], 0, &mut |_: &[u8], _| {});
+        assert!(r.is_err());
     }
 
     #[test]

@@ -15,22 +15,25 @@
 //! # Layout
 //!
 //! - One file per scenario: [`latency`], [`saturation`], [`connections`],
-//!   [`write_cost`], [`stalled`], [`signals`] (broadcast and presence,
+//!   [`crowded`] (a crowded project and a spread load), [`write_cost`], [`stalled`], [`signals`] (broadcast and presence,
 //!   G9), [`replicas`] (log reads from a hot standby); each returns a
 //!   [`report::Outcome`].
 //! - What they share: [`env`] (the private Postgres, the relay process,
 //!   database clients, CPU meters), [`subscriber`] (a WebSocket subscriber
 //!   that records latency and order), [`lightws`] (the lightest client
-//!   that holds a subscription, for crowds), [`stats`] (histograms and
+//!   that holds or reads a subscription, for crowds), [`loopback`] (source
+//!   addresses and open files for crowds), [`stats`] (histograms and
 //!   percentiles), [`report`] (JSON, Markdown and SVG results).
 //! - [`relay`]: the relay process itself (the hidden `relay` mode).
 //! - The clients (WebSocket, LISTEN, HTTP, the child process, `/proc`) are
 //!   the `testkit` crate's, the same the tests use.
 
 mod connections;
+mod crowded;
 mod env;
 mod latency;
 mod lightws;
+mod loopback;
 mod relay;
 mod replicas;
 mod report;
@@ -123,6 +126,13 @@ enum Scenario {
         /// connections. Opening pauses while they run.
         #[arg(long, default_value_t = 0)]
         curve_probes: usize,
+    },
+    /// Many light subscribers while paced writers commit a fixed rate: a
+    /// crowded project (`--projects 1`) or a spread load; latency against
+    /// direct LISTEN, losses, relay CPU per delivery.
+    Crowded {
+        #[command(flatten)]
+        opts: crowded::Options,
     },
     /// Resumers that subscribe from seq 0 and never read: the relay's
     /// RSS against their number, and after they leave (G7). Each crowd
@@ -296,14 +306,26 @@ fn main() -> anyhow::Result<()> {
                 stalled::run(&env, &opts).await?
             }
             Scenario::Signals { opts } => signals::run(&env, &opts).await?,
+            Scenario::Crowded { opts } => crowded::run(&env, &opts).await?,
             Scenario::Relay { .. } => unreachable!("handled above"),
         };
         report::write(&cli.out, &result)?;
         println!("{}", serde_json::to_string_pretty(&result.json)?);
         env.stop()?;
+        // A result that is not a valid measurement is written, then fails
+        // the run with its own exit status, which scripts tell from a
+        // crash.
+        if let Some(why) = result.json.get("failed").and_then(|v| v.as_str()) {
+            eprintln!("{}: not a valid measurement: {why}", result.name);
+            std::process::exit(INVALID_RUN);
+        }
         Ok(())
     })
 }
+
+/// The exit status of a run whose result is written but flagged `failed`
+/// (see [`report::Outcome`]); errors exit with 1.
+const INVALID_RUN: i32 = 2;
 
 /// Every client and relay connection is a file descriptor, on both ends
 /// of the loopback: 100,000 connections cost the bench and the relay (its

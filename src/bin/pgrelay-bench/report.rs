@@ -7,7 +7,9 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-/// What one scenario measured.
+/// What one scenario measured. A `failed` string in `json` marks a result
+/// that is not a valid measurement (e.g. the load asked was not reached):
+/// it is written all the same, and the run exits with status 2.
 pub struct Outcome {
     /// The file name, without extension (`latency-100x1000`).
     pub name: String,

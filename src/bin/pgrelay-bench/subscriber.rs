@@ -4,12 +4,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
+use memchr::memmem::Finder;
 use testkit::{now_us, ws};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
@@ -28,6 +29,40 @@ pub struct Seen {
     pub duplicates: u64,
     pub out_of_order: u64,
     last_seq: u64,
+}
+
+impl Seen {
+    /// A subscriber whose `subscribed` frame named `seq`: its events start
+    /// after it.
+    pub fn after(seq: u64) -> Seen {
+        Seen {
+            last_seq: seq,
+            ..Seen::default()
+        }
+    }
+
+    /// Takes an event's `seq`: true when it is new (counted received, and
+    /// out of order if seqs were skipped before it), false for a
+    /// duplicate.
+    pub fn note(&mut self, seq: u64) -> bool {
+        if seq <= self.last_seq {
+            self.duplicates += 1;
+            return false;
+        }
+        if seq != self.last_seq + 1 {
+            self.out_of_order += 1;
+        }
+        self.last_seq = seq;
+        self.received += 1;
+        true
+    }
+
+    /// Adds another subscriber's counts to these.
+    pub fn add(&mut self, other: &Seen) {
+        self.received += other.received;
+        self.duplicates += other.duplicates;
+        self.out_of_order += other.out_of_order;
+    }
 }
 
 /// What the subscribers of one run share.
@@ -122,10 +157,7 @@ pub async fn start_on(
 pub async fn join_all(subs: Subscribers) -> anyhow::Result<Seen> {
     let mut totals = Seen::default();
     for s in subs {
-        let seen = s.await??;
-        totals.received += seen.received;
-        totals.duplicates += seen.duplicates;
-        totals.out_of_order += seen.out_of_order;
+        totals.add(&s.await??);
     }
     Ok(totals)
 }
@@ -146,10 +178,7 @@ async fn subscriber(
     } = shared;
     let mut ws = ws::connect(addr, &token).await?;
     let frame = ws::subscribe(&mut ws, &project, None, SUBSCRIBE_WAIT).await?;
-    let mut seen = Seen {
-        last_seq: frame["seq"].as_u64().unwrap_or(0),
-        ..Seen::default()
-    };
+    let mut seen = Seen::after(frame["seq"].as_u64().unwrap_or(0));
     subscribed.fetch_add(1, Relaxed);
     let mut local = latency_histogram()?;
     // Registered once, not per message: the client's own cost per
@@ -169,15 +198,9 @@ async fn subscriber(
         let Message::Text(text) = msg else { continue };
         let now = now_us();
         let Some(seq) = seq_of(&text) else { continue };
-        if seq <= seen.last_seq {
-            seen.duplicates += 1;
+        if !seen.note(seq) {
             continue;
         }
-        if seq != seen.last_seq + 1 {
-            seen.out_of_order += 1;
-        }
-        seen.last_seq = seq;
-        seen.received += 1;
         if measuring.load(Relaxed) {
             delivered.fetch_add(1, Relaxed);
             if let Some(sent) = sent_us(&text) {
@@ -192,16 +215,71 @@ async fn subscriber(
 }
 
 /// The send time encoded at the start of an id (`<micros>-...`), found in
-/// a frame or notice without a full JSON parse.
-pub fn sent_us(frame: &str) -> Option<u64> {
-    let start = frame.find("\"id\":\"")? + 6;
-    let digits: &str = frame[start..].split('-').next()?;
-    digits.parse().ok()
+/// a frame or notice (text or its bytes) without a full JSON parse.
+pub fn sent_us(frame: &(impl AsRef<[u8]> + ?Sized)) -> Option<u64> {
+    static ID: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""id":""#));
+    let frame = frame.as_ref();
+    let (sent, end) = digits(frame, value_of(frame, &ID)?)?;
+    (frame.get(end) == Some(&b'-')).then_some(sent)
 }
 
 /// The `seq` of a frame, without a full JSON parse.
-pub fn seq_of(frame: &str) -> Option<u64> {
-    let start = frame.find("\"seq\":")? + 6;
-    let end = frame[start..].find(|c: char| !c.is_ascii_digit())? + start;
-    frame[start..end].parse().ok()
+pub fn seq_of(frame: &(impl AsRef<[u8]> + ?Sized)) -> Option<u64> {
+    static SEQ: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(br#""seq":"#));
+    let frame = frame.as_ref();
+    let (seq, end) = digits(frame, value_of(frame, &SEQ)?)?;
+    // A number ends the value; anything else (`null`, a fraction) is none.
+    matches!(frame.get(end), Some(b',' | b'}')).then_some(seq)
+}
+
+/// Where the value after the first `key` (a quoted name and its colon)
+/// starts. The finders are built once: `str::find` builds its searcher on
+/// every call, which at a million frames a second cost the load generator
+/// more than the search itself.
+fn value_of(frame: &[u8], key: &Finder<'_>) -> Option<usize> {
+    Some(key.find(frame)? + key.needle().len())
+}
+
+/// The decimal number at `start` (at least one digit, no overflow) and
+/// where it ends.
+fn digits(frame: &[u8], start: usize) -> Option<(u64, usize)> {
+    let mut value: u64 = 0;
+    let mut end = start;
+    while let Some(d) = frame.get(end).filter(|b| b.is_ascii_digit()) {
+        value = value.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        end += 1;
+    }
+    (end > start).then_some((value, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FRAME: &str = r#"{"type":"cache_invalidate","resource":"message","action":"INSERT","id":"1764000000123456-3-17","project_id":"p1","seq":4711,"timestamp":"2026-11-24T08:00:00.123456Z","data":{"id":"9-x","seq":1}}"#;
+
+    #[test]
+    fn finders_read_the_event_fields_from_text_or_bytes() {
+        assert_eq!(sent_us(FRAME), Some(1_764_000_000_123_456));
+        assert_eq!(seq_of(FRAME), Some(4711));
+        assert_eq!(sent_us(FRAME.as_bytes()), Some(1_764_000_000_123_456));
+        assert_eq!(seq_of(FRAME.as_bytes()), Some(4711));
+    }
+
+    #[test]
+    fn finders_refuse_what_is_not_a_timed_id_or_a_number() {
+        assert_eq!(
+            seq_of(r#"{"type":"subscribed","project_id":"p1","seq":null}"#),
+            None
+        );
+        assert_eq!(
+            seq_of(r#"{"type":"subscribed","seq":0,"timestamp":null}"#),
+            Some(0)
+        );
+        assert_eq!(seq_of(r#"{"seq":1.5}"#), None);
+        assert_eq!(seq_of(r#"{"seq":99999999999999999999999}"#), None);
+        assert_eq!(sent_us(r#"{"id":"m1"}"#), None);
+        assert_eq!(sent_us(r#"{"id":"123"}"#), None);
+        assert_eq!(sent_us(r#"{"type":"pong"}"#), None);
+    }
 }
