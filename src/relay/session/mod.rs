@@ -153,36 +153,46 @@ impl Subscription {
     }
 }
 
-pub async fn run<S>(
+/// The session of an upgraded connection, until it ends.
+///
+/// Everything the session keeps is built here, before the future: an
+/// `async fn` would hold its arguments (the whole WebSocket, the identity)
+/// besides what is made of them, for as long as the connection lives.
+pub fn run<S>(
     ws: WebSocketStream<S>,
     ctx: Arc<SessionContext>,
     identity: Identity,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _counted = ConnectionCount::new(ctx.metrics.clone());
+    let counted = ConnectionCount::new(ctx.metrics.clone());
     let (sink, mut stream) = ws.split();
     let mut out = Out {
         sink,
         deadline: ctx.limits.pong_timeout,
     };
+    let budget = FrameBudget::new(ctx.limits.max_frames_per_second);
     let mut session = Session {
-        ctx: ctx.clone(),
+        ctx,
         identity,
         subs: HashMap::new(),
         mailbox: Mailbox::new(NEXT_CONNECTION.fetch_add(1, Relaxed)),
         retry_at: None,
-        budget: FrameBudget::new(ctx.limits.max_frames_per_second),
+        budget,
         turn: 0,
     };
-    let end = session.serve(&mut out, &mut stream, &shutdown).await;
-    if let End::Close(code, reason) = end {
-        close_handshake(&mut out.sink, &mut stream, code, reason).await;
+    async move {
+        let _counted = counted;
+        let end = session.serve(&mut out, &mut stream, &shutdown).await;
+        if let End::Close(code, reason) = end {
+            close_handshake(&mut out.sink, &mut stream, code, reason).await;
+        }
+        // Dropping the session (here, or while unwinding from a panic)
+        // removes its subscriptions from the hub.
+        drop(session);
     }
-    // Dropping the session (here, or while unwinding from a panic)
-    // removes its subscriptions from the hub.
-    drop(session);
 }
 
 /// Closes a connection that never becomes a session (bad token, limits)
@@ -220,7 +230,10 @@ impl Drop for Session {
 struct Session {
     ctx: Arc<SessionContext>,
     identity: Identity,
-    subs: HashMap<String, Subscription>,
+    /// Boxed: the map keeps room for at least four entries once it has
+    /// one, and most connections have one subscription, so inline entries
+    /// would hold four `Subscription`s for every idle connection.
+    subs: HashMap<String, Box<Subscription>>,
     /// Rung by topics when they publish, and by ourselves for more work.
     mailbox: Arc<Mailbox>,
     /// After a failed log read, when to try again.
@@ -272,12 +285,19 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let limits = self.ctx.limits;
+        // Copied, not borrowed from `self.ctx`: only what the loop needs
+        // after its first await is kept in the future.
+        let SessionLimits {
+            ping_interval,
+            pong_timeout,
+            reauthorize_interval,
+            first_frame_timeout,
+            ..
+        } = self.ctx.limits;
         // When the oldest ping still unanswered was sent: liveness is
         // judged against pings actually sent, never against plain silence.
         let mut unanswered_since: Option<Instant> = None;
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+        let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         // Made once and kept across iterations, not per wake: a fresh
         // cancellation waiter and token timer for every delivery were
         // registrations on structures all sessions share.
@@ -290,7 +310,7 @@ impl Session {
         // the first period, so sessions that connected together (after a
         // relay restart) do not all ask the database at once; after it,
         // every period.
-        let mut reauthorize = limits.reauthorize_interval.map(|period| {
+        let mut reauthorize = reauthorize_interval.map(|period| {
             let first = period.mul_f64(rand::rng().random_range(0.0..1.0));
             let mut timer = tokio::time::interval_at(Instant::now() + first, period);
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -298,7 +318,7 @@ impl Session {
         });
         // Until the client says anything, the connection is bounded in
         // time like an HTTP request is.
-        let first_frame = tokio::time::sleep(limits.first_frame_timeout);
+        let first_frame = tokio::time::sleep(first_frame_timeout);
         tokio::pin!(first_frame);
         let mut heard = false;
         loop {
@@ -333,7 +353,7 @@ impl Session {
                             return End::Close(close::INVALID_PAYLOAD, "text frame is not valid UTF-8");
                         }
                         Some(Err(_)) => return End::Gone,
-                        Some(Ok(message)) => self.on_message(message, out).await,
+                        Some(Ok(message)) => Box::pin(self.on_message(message, out)).await,
                     };
                     if let Err(end) = result {
                         return end;
@@ -344,21 +364,21 @@ impl Session {
                 // from the oldest unanswered ping on its own timer, not on
                 // the ping tick, so a silent peer goes `pong_timeout` after
                 // that ping, as documented.
-                _ = sleep_until_opt(unanswered_since.map(|t| t + limits.pong_timeout)) => {
+                _ = sleep_until_opt(unanswered_since.map(|t| t + pong_timeout)) => {
                     return End::Close(close::UNRESPONSIVE, "no answer to pings");
                 }
                 _ = ping.tick() => {
-                    let sent = async {
+                    let sent = Box::pin(async {
                         out.feed(Message::Ping(Default::default())).await?;
                         out.flush().await
-                    };
+                    });
                     if let Err(end) = sent.await {
                         return end;
                     }
                     unanswered_since.get_or_insert_with(Instant::now);
                 }
                 _ = tick_opt(&mut reauthorize) => {
-                    if let Err(end) = self.reauthorize_all(out).await {
+                    if let Err(end) = Box::pin(self.reauthorize_all(out)).await {
                         return end;
                     }
                 }
@@ -462,7 +482,7 @@ impl Session {
             ClientMessage::PresenceLeave { scope } => self.set_presence(scope, None, out).await,
             ClientMessage::Unsubscribe { scope } => {
                 if let Some(sub) = self.subs.remove(&scope) {
-                    self.drop_subscription(sub);
+                    self.drop_subscription(*sub);
                     out.text(protocol::unsubscribed_frame(&scope)).await
                 } else {
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
