@@ -132,45 +132,16 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let ctx = self.ctx.clone();
         let Some(recheck) = self.subs.get(scope).map(|sub| sub.recheck) else {
             return Ok(Step::Idle);
         };
-        if recheck {
-            // A membership event was the last thing sent: nothing more of
-            // this scope goes out until the database says the user may
-            // still read it (G4). On a database error, wait, never assume.
-            if self.retry_at.is_some() {
-                return Ok(Step::Idle);
-            }
-            ctx.metrics.reauthorized(RecheckCause::MembershipEvent, 1);
-            let verdicts = {
-                let _permit = ctx.backfills.acquire().await;
-                self.authorize(&[scope.to_string()]).await
-            };
-            match verdicts {
-                Ok(verdicts) => {
-                    let outcome = outcome_for(&verdicts, scope);
-                    if !self
-                        .apply_verdict(scope, outcome, RecheckCause::MembershipEvent, out)
-                        .await?
-                    {
-                        return Ok(Step::Idle);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "re-authorizing a subscription failed; retrying");
-                    self.retry_at = Some(Instant::now() + Duration::from_millis(250));
-                    return Ok(Step::Idle);
-                }
-            }
-            if let Some(sub) = self.subs.get_mut(scope) {
-                sub.recheck = false;
-                if std::mem::take(&mut sub.presence_missed) {
-                    self.mailbox.resync(&std::sync::Arc::from(scope));
-                }
-            }
+        // The database is asked only on these rarer paths (a re-check, a
+        // read of the log): their futures are boxed, so the state every
+        // idle session keeps between wakes does not reserve room for them.
+        if recheck && !Box::pin(self.recheck(scope, out)).await? {
+            return Ok(Step::Idle);
         }
+        let metrics = &self.ctx.metrics;
         let Some(sub) = self.subs.get_mut(scope) else {
             return Ok(Step::Idle);
         };
@@ -180,12 +151,12 @@ impl Session {
         }
         match sub.topic.read_after(sub.cursor, sub.epoch, PUMP_BATCH) {
             RingRead::UpToDate => {
-                set_catching_up(sub, false, &ctx.metrics);
+                set_catching_up(sub, false, metrics);
                 return Ok(Step::Idle);
             }
             RingRead::Frames(frames) => {
-                set_catching_up(sub, false, &ctx.metrics);
-                let written = send_frames(out, sub, &frames, &ctx.metrics).await?;
+                set_catching_up(sub, false, metrics);
+                let written = send_frames(out, sub, &frames, metrics).await?;
                 // Whatever was not written is let go here; the ring (or,
                 // once it has moved on, the log) still has it.
                 drop(frames);
@@ -197,16 +168,69 @@ impl Session {
                     || sub.topic.head() > sub.cursor.seq;
                 return Ok(if more { Step::More } else { Step::Idle });
             }
-            RingRead::Lagged => set_catching_up(sub, true, &ctx.metrics),
+            RingRead::Lagged => set_catching_up(sub, true, metrics),
         }
         if self.retry_at.is_some() {
             return Ok(Step::Idle);
         }
-        // Behind the ring (or the ring cannot vouch for the cursor): one
-        // batch from the log, sized to what this socket takes, reserved in
-        // the relay-wide budget until written. The log checks that it still
-        // holds the cursor's event unless the cursor came from the log in
-        // this generation and epoch.
+        Box::pin(self.catch_up(scope, out)).await
+    }
+
+    /// A membership event was the last thing sent: nothing more of this
+    /// scope goes out until the database says the user may still read it
+    /// (G4). On a database error, wait, never assume. `true`: the
+    /// subscription may go on now.
+    async fn recheck<S>(&mut self, scope: &str, out: &mut Out<S>) -> Result<bool, End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.retry_at.is_some() {
+            return Ok(false);
+        }
+        let ctx = self.ctx.clone();
+        ctx.metrics.reauthorized(RecheckCause::MembershipEvent, 1);
+        let verdicts = {
+            let _permit = ctx.backfills.acquire().await;
+            self.authorize(&[scope.to_string()]).await
+        };
+        match verdicts {
+            Ok(verdicts) => {
+                let outcome = outcome_for(&verdicts, scope);
+                if !self
+                    .apply_verdict(scope, outcome, RecheckCause::MembershipEvent, out)
+                    .await?
+                {
+                    return Ok(false);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-authorizing a subscription failed; retrying");
+                self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                return Ok(false);
+            }
+        }
+        if let Some(sub) = self.subs.get_mut(scope) {
+            sub.recheck = false;
+            if std::mem::take(&mut sub.presence_missed) {
+                self.mailbox.resync(&std::sync::Arc::from(scope));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Behind the ring (or the ring cannot vouch for the cursor): one
+    /// batch from the log, sized to what this socket takes, reserved in
+    /// the relay-wide budget until written. The log checks that it still
+    /// holds the cursor's event unless the cursor came from the log in
+    /// this generation and epoch.
+    async fn catch_up<S>(&mut self, scope: &str, out: &mut Out<S>) -> Result<Step, End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ctx = self.ctx.clone();
+        let Some(sub) = self.subs.get_mut(scope) else {
+            return Ok(Step::Idle);
+        };
         let epoch = sub.topic.epoch();
         let generation = ctx.hub.generation();
         let check = sub.checked_in != Some(generation) || sub.epoch != epoch;

@@ -63,7 +63,7 @@ impl Session {
                 Ok(false) => {
                     // Refused now: whatever was allowed before ends too.
                     if let Some(old) = self.subs.remove(scope.as_str()) {
-                        self.drop_subscription(old);
+                        self.drop_subscription(*old);
                     }
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
                     let frame = error(code::FORBIDDEN, "not a member of this project");
@@ -85,7 +85,7 @@ impl Session {
         let mut present = false;
         if let Some(mut old) = self.subs.remove(scope.as_str()) {
             present = std::mem::take(&mut old.present);
-            self.drop_subscription(old);
+            self.drop_subscription(*old);
         }
         let (topic, id, epoch) =
             self.ctx
@@ -98,7 +98,7 @@ impl Session {
         let checked_in = (cursor == state.latest()).then_some(generation);
         self.subs.insert(
             Arc::from(scope.as_str()),
-            Subscription {
+            Box::new(Subscription {
                 topic,
                 id,
                 cursor,
@@ -112,7 +112,7 @@ impl Session {
                 presence_missed: false,
                 filter: resources.clone(),
                 skip_from: None,
-            },
+            }),
         );
         let subscribed = match &resources {
             Some(resources) => {
@@ -167,7 +167,7 @@ impl Session {
 
     pub(super) fn unsubscribe_all(&mut self) {
         for (_, sub) in std::mem::take(&mut self.subs) {
-            self.drop_subscription(sub);
+            self.drop_subscription(*sub);
         }
     }
 }
