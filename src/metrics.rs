@@ -18,6 +18,30 @@ const DELAY_BUCKETS: [f64; 14] = [
 /// this to), listed here so that metrics imports nothing from the relay.
 const RESET_REASONS: [&str; 3] = ["history_trimmed", "seq_ahead", "history_diverged"];
 
+/// Observations of one batch, gathered without atomics and added to a
+/// [`Histogram`] at once.
+#[derive(Default)]
+pub struct Tally {
+    buckets: [u64; DELAY_BUCKETS.len()],
+    count: u64,
+    sum_us: u64,
+}
+
+impl Tally {
+    pub fn observe_us(&mut self, micros: u64) {
+        let secs = micros as f64 / 1e6;
+        if let Some(i) = DELAY_BUCKETS.iter().position(|&b| secs <= b) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum_us += micros;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
 /// A Prometheus histogram with fixed buckets, lock-free.
 #[derive(Default)]
 pub struct Histogram {
@@ -29,12 +53,25 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn observe_us(&self, micros: u64) {
-        let secs = micros as f64 / 1e6;
-        if let Some(i) = DELAY_BUCKETS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Relaxed);
+        let mut tally = Tally::default();
+        tally.observe_us(micros);
+        self.add(&tally);
+    }
+
+    /// Adds what a [`Tally`] gathered: one atomic add per bucket it
+    /// touched, so a batch of deliveries does not take three shared cache
+    /// lines per event.
+    pub fn add(&self, tally: &Tally) {
+        if tally.count == 0 {
+            return;
         }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(micros, Relaxed);
+        for (bucket, &n) in self.buckets.iter().zip(&tally.buckets) {
+            if n > 0 {
+                bucket.fetch_add(n, Relaxed);
+            }
+        }
+        self.count.fetch_add(tally.count, Relaxed);
+        self.sum_us.fetch_add(tally.sum_us, Relaxed);
     }
 
     fn render(&self, out: &mut String, name: &str, help: &str) {

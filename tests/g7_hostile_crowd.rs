@@ -104,7 +104,8 @@ async fn metric(addr: SocketAddr, name: &str) -> f64 {
 }
 
 /// What one connection may cost the relay: an idle subscribed WebSocket
-/// (about 12 KiB measured, see docs/benchmarks.md; twice that allowed)
+/// (3.8 KiB measured, see docs/benchmarks.md; 24 KiB allowed, twice the
+/// 12 KiB it was before)
 /// plus the write buffer a session fills before it waits on a full socket
 /// (32 KiB, plus the one ~8 KiB frame that crossed it, rounded up to
 /// 16 KiB).

@@ -14,9 +14,12 @@
 //! publish events.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// Most signals one connection holds before it drops broadcasts.
@@ -54,7 +57,12 @@ pub struct Mailbox {
     /// The connection's number on this relay: names it in presence and
     /// lets a sender skip its own broadcasts.
     pub conn: u64,
-    wake: Notify,
+    /// The doorbell: a flag and the session's waker, without a lock. A
+    /// topic rings every subscriber's mailbox on each publish, and the
+    /// session waits on it again after every wake, so `tokio::sync::Notify`
+    /// (a mutex and a waiter list on both sides) cost more per delivery.
+    rung: AtomicBool,
+    waker: AtomicWaker,
     queue: Mutex<VecDeque<Signal>>,
 }
 
@@ -72,7 +80,8 @@ impl Mailbox {
     pub fn new(conn: u64) -> Arc<Self> {
         Arc::new(Mailbox {
             conn,
-            wake: Notify::new(),
+            rung: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             queue: Mutex::new(VecDeque::new()),
         })
     }
@@ -83,12 +92,27 @@ impl Mailbox {
 
     /// Rings the session: events were published, or it has more to do.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        // Already rung: the session has not looked since, and will see it.
+        if !self.rung.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
     }
 
-    /// Waits for the doorbell.
+    /// Waits for the doorbell (one waiter: the session). A ring that came
+    /// while nobody waited is kept, like a `Notify` permit.
     pub async fn rung(&self) {
-        self.wake.notified().await;
+        poll_fn(|cx| {
+            if self.rung.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.rung.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Queues a frame and rings the session.
@@ -177,6 +201,36 @@ mod tests {
 
     fn frame(s: &str) -> Utf8Bytes {
         Utf8Bytes::from(s.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_doorbell_keeps_one_ring_and_wakes_a_waiting_session() {
+        use std::time::Duration;
+        let mailbox = Mailbox::new(1);
+        // Rung while nobody waited: kept, and two rings are one.
+        mailbox.wake();
+        mailbox.wake();
+        tokio::time::timeout(Duration::from_secs(5), mailbox.rung())
+            .await
+            .expect("a kept ring");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), mailbox.rung())
+                .await
+                .is_err(),
+            "two rings before a wait are one"
+        );
+        // Rung from another task while the session waits.
+        let ringer = {
+            let mailbox = mailbox.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                mailbox.wake();
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(5), mailbox.rung())
+            .await
+            .expect("woken by the other task");
+        ringer.await.expect("ringer");
     }
 
     #[test]

@@ -39,6 +39,7 @@ const PROJECTS: usize = 100;
 const INSERT: &str =
     "INSERT INTO chat.messages (id, project_id, sender_id, body) VALUES ($1, $2, 'w', $3)";
 
+#[derive(Clone, Copy)]
 pub struct Options {
     pub count: usize,
     /// Clients per 127.0.0.x source address.
@@ -54,6 +55,8 @@ pub struct Options {
     /// relay's ping period plus its pong timeout, so a client that did not
     /// answer pings would be dropped (and counted).
     pub hold: Duration,
+    /// New subscribers timed at each step of the curve (0: none).
+    pub curve_probes: usize,
 }
 
 /// The first-event and connect+subscribe latencies of one phase's probes.
@@ -88,6 +91,8 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     let mut curve: Vec<Value> = Vec::new();
     let mut opened = 0usize;
     let t0 = Instant::now();
+    // Time spent probing the curve is not time spent opening.
+    let mut paused = Duration::ZERO;
     let note = |opened: usize, curve: &mut Vec<Value>| {
         if opened.is_multiple_of(step) || opened == count {
             curve.push(json!({
@@ -97,8 +102,30 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
             }));
         }
     };
+    curve.push(json!({"connections": 0, "seconds": 0.0, "relay_rss_kib": rss_before}));
+    if opts.curve_probes > 0 {
+        add_probe_point(&mut curve, 0, &baseline);
+    }
+    let curve_opts = Options {
+        probes: opts.curve_probes,
+        ..*opts
+    };
     let result: anyhow::Result<()> = async {
         for k in 0..count {
+            if opts.curve_probes > 0 && k > 0 && k.is_multiple_of(step) {
+                // Every connection asked for so far is open before the
+                // probes run, so the point's count is exact.
+                while opened < k {
+                    let r = opened_rx.recv().await.context("opening clients vanished")?;
+                    r?;
+                    opened += 1;
+                    note(opened, &mut curve);
+                }
+                let started = Instant::now();
+                let probed = probe(env, &tokens[0], &probe_project, &curve_opts).await?;
+                paused += started.elapsed();
+                add_probe_point(&mut curve, k, &probed);
+            }
             let permit = gate.clone().acquire_owned().await?;
             let source = loopback::source(k, opts.per_source);
             let client = Client {
@@ -128,7 +155,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         Ok(())
     }
     .await;
-    let connect_secs = t0.elapsed().as_secs_f64();
+    let connect_secs = t0.elapsed().saturating_sub(paused).as_secs_f64();
     let held_since = Instant::now();
     if let Err(e) = result {
         stop.cancel();
@@ -151,6 +178,9 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     tracker.close();
     tracker.wait().await;
     let crowded = crowded?;
+    if opts.curve_probes > 0 {
+        add_probe_point(&mut curve, count, &crowded);
+    }
 
     let per_conn = rss_after.saturating_sub(rss_before) as f64 / count as f64;
     let rate = count as f64 / connect_secs;
@@ -203,12 +233,45 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         row("connect + subscribe, baseline", &baseline.subscribe),
         row("connect + subscribe, connected", &crowded.subscribe),
     );
+    let svg = (opts.curve_probes > 0).then(|| curve_svg(&name, &curve));
     Ok(Outcome {
         name,
         json,
         markdown,
-        svg: None,
+        svg,
     })
+}
+
+/// Adds a new subscriber's first-event percentiles to the curve's point
+/// at `connections`.
+fn add_probe_point(curve: &mut [Value], connections: usize, probed: &Probed) {
+    let point = curve
+        .iter_mut()
+        .rev()
+        .find(|p| p["connections"].as_u64() == Some(connections as u64));
+    if let Some(Value::Object(point)) = point {
+        point.insert("probe_first_event".into(), percentiles(&probed.first_event));
+    }
+}
+
+/// Relay RSS and a new subscriber's first-event p99 against connections.
+fn curve_svg(title: &str, curve: &[Value]) -> String {
+    let points = |y: &dyn Fn(&Value) -> Option<f64>| -> Vec<(f64, f64)> {
+        curve
+            .iter()
+            .filter_map(|p| Some((p["connections"].as_f64()?, y(p)?)))
+            .collect()
+    };
+    let rss = points(&|p| Some(p["relay_rss_kib"].as_f64()? / 1024.0));
+    let p99 = points(&|p| p["probe_first_event"]["p99_ms"].as_f64());
+    crate::report::curve_svg(
+        &format!("{title}: relay against connections"),
+        "connections",
+        &[
+            ("relay RSS (MiB)", &rss),
+            ("new subscriber's first event, p99 (ms)", &p99),
+        ],
+    )
 }
 
 /// One idle client while it opens.

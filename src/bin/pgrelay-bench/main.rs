@@ -121,6 +121,11 @@ enum Scenario {
         /// client that failed to answer would be dropped, and counted.
         #[arg(long, default_value_t = 70)]
         hold_seconds: u64,
+        /// New subscribers timed at each tenth of the count as the crowd
+        /// opens (0: none), for the curve of first-event p99 against
+        /// connections. Opening pauses while they run.
+        #[arg(long, default_value_t = 0)]
+        curve_probes: usize,
     },
     /// Many light subscribers while paced writers commit a fixed rate: a
     /// crowded project (`--projects 1`) or a spread load; latency against
@@ -243,6 +248,7 @@ fn main() -> anyhow::Result<()> {
                 probes,
                 probe_gap_ms,
                 hold_seconds,
+                curve_probes,
             } => {
                 let opts = connections::Options {
                     count,
@@ -251,6 +257,7 @@ fn main() -> anyhow::Result<()> {
                     probes,
                     probe_gap: std::time::Duration::from_millis(probe_gap_ms),
                     hold: std::time::Duration::from_secs(hold_seconds),
+                    curve_probes,
                 };
                 connections::run(&env, &opts).await?
             }

@@ -51,6 +51,88 @@ pub fn machine() -> Value {
     })
 }
 
+/// Panels stacked one above the other, sharing the x axis, each a line of
+/// (x, y) points with its own y scale from 0.
+pub fn curve_svg(title: &str, x_label: &str, panels: &[(&str, &[(f64, f64)])]) -> String {
+    let (w, panel_h, left, top) = (720.0, 200.0, 70.0, 30.0);
+    let h = top + panel_h * panels.len() as f64 + 30.0;
+    let max_x = panels
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
+        .fold(1.0_f64, f64::max);
+    let x = |v: f64| left + (w - left - 20.0) * v / max_x;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="{left}" y="18" font-size="14">{title}</text>"#
+    );
+    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
+    for (i, (name, pts)) in panels.iter().enumerate() {
+        let y0 = top + panel_h * (i as f64 + 1.0) - 25.0;
+        let span = panel_h - 45.0;
+        let max_y = pts.iter().map(|p| p.1).fold(0.0_f64, f64::max).max(1e-9) * 1.1;
+        let y = |v: f64| y0 - span * v / max_y;
+        let color = colors[i % colors.len()];
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{left}" y1="{y0}" x2="{}" y2="{y0}" stroke="black"/><line x1="{left}" y1="{}" x2="{left}" y2="{y0}" stroke="black"/><text x="{}" y="{}" fill="{color}">{name}</text>"##,
+            w - 20.0,
+            y0 - span,
+            left + 10.0,
+            y0 - span + 4.0
+        );
+        for k in 0..=2 {
+            let v = max_y * k as f64 / 2.0;
+            let _ = writeln!(
+                svg,
+                r##"<text x="{}" y="{}" text-anchor="end">{}</text>"##,
+                left - 6.0,
+                y(v) + 4.0,
+                tick(v)
+            );
+        }
+        for k in 0..=4 {
+            let v = max_x * k as f64 / 4.0;
+            let _ = writeln!(
+                svg,
+                r##"<text x="{}" y="{}" text-anchor="middle">{v:.0}</text>"##,
+                x(v),
+                y0 + 14.0
+            );
+        }
+        let line: Vec<String> = pts
+            .iter()
+            .map(|(a, b)| format!("{:.1},{:.1}", x(*a), y(*b)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            line.join(" ")
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">{x_label}</text>"#,
+        left + (w - left - 20.0) / 2.0,
+        h - 6.0
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// An axis label with as many decimals as its size needs.
+fn tick(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 /// A latency percentile plot (x: percentile on a log scale of 1/(1-q),
 /// y: milliseconds), one line per series.
 pub fn latency_svg(title: &str, series: &[(&str, &Histogram<u64>)]) -> String {

@@ -36,7 +36,7 @@ impl Session {
         if self.subs.is_empty() {
             return Ok(());
         }
-        let scopes: Vec<String> = self.subs.keys().cloned().collect();
+        let scopes: Vec<String> = self.subs.keys().map(|k| k.to_string()).collect();
         self.ctx
             .metrics
             .reauthorized(RecheckCause::Schedule, scopes.len());
@@ -75,7 +75,7 @@ impl Session {
             Ok(true) => Ok(true),
             Ok(false) => {
                 if let Some(sub) = self.subs.remove(scope) {
-                    self.drop_subscription(sub);
+                    self.drop_subscription(*sub);
                 }
                 self.ctx.metrics.revoked(cause);
                 let frame = protocol::error_frame(
@@ -108,7 +108,7 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         if let Some(sub) = self.subs.remove(scope) {
-            self.drop_subscription(sub);
+            self.drop_subscription(*sub);
         }
         self.ctx.metrics.authorize_failures.fetch_add(1, Relaxed);
         tracing::warn!(

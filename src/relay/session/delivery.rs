@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::socket::{text, End, Out};
 use super::{outcome_for, Session, Subscription};
-use crate::metrics::{Metrics, RecheckCause};
+use crate::metrics::{Metrics, RecheckCause, Tally};
 use crate::relay::hub::RingRead;
 use crate::relay::log::{Batch, Cursor, Frame, ReadLimits};
 use crate::relay::protocol::{self, reset_reason};
@@ -98,17 +98,17 @@ impl Session {
     {
         // Signals first: they are small, and late ones are worth little.
         let mut more = self.write_signals(out).await? == Step::SocketFull;
-        let mut scopes: Vec<String> = if more {
-            Vec::new()
-        } else {
-            self.subs.keys().cloned().collect()
-        };
-        if !scopes.is_empty() {
-            self.turn = self.turn.wrapping_add(1);
-            let first = self.turn % scopes.len();
-            scopes.rotate_left(first);
+        let mut turns = std::mem::take(&mut self.turns);
+        turns.clear();
+        if !more {
+            turns.extend(self.subs.keys().cloned());
         }
-        for scope in scopes {
+        if !turns.is_empty() {
+            self.turn = self.turn.wrapping_add(1);
+            let first = self.turn % turns.len();
+            turns.rotate_left(first);
+        }
+        for scope in turns.drain(..) {
             match self.pump_one(&scope, out).await? {
                 Step::Idle => {}
                 Step::More => more = true,
@@ -118,6 +118,7 @@ impl Session {
                 }
             }
         }
+        self.turns = turns;
         out.drain(&self.ctx.metrics).await?;
         if more {
             self.mailbox.wake();
@@ -131,45 +132,16 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let ctx = self.ctx.clone();
         let Some(recheck) = self.subs.get(scope).map(|sub| sub.recheck) else {
             return Ok(Step::Idle);
         };
-        if recheck {
-            // A membership event was the last thing sent: nothing more of
-            // this scope goes out until the database says the user may
-            // still read it (G4). On a database error, wait, never assume.
-            if self.retry_at.is_some() {
-                return Ok(Step::Idle);
-            }
-            ctx.metrics.reauthorized(RecheckCause::MembershipEvent, 1);
-            let verdicts = {
-                let _permit = ctx.backfills.acquire().await;
-                self.authorize(&[scope.to_string()]).await
-            };
-            match verdicts {
-                Ok(verdicts) => {
-                    let outcome = outcome_for(&verdicts, scope);
-                    if !self
-                        .apply_verdict(scope, outcome, RecheckCause::MembershipEvent, out)
-                        .await?
-                    {
-                        return Ok(Step::Idle);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "re-authorizing a subscription failed; retrying");
-                    self.retry_at = Some(Instant::now() + Duration::from_millis(250));
-                    return Ok(Step::Idle);
-                }
-            }
-            if let Some(sub) = self.subs.get_mut(scope) {
-                sub.recheck = false;
-                if std::mem::take(&mut sub.presence_missed) {
-                    self.mailbox.resync(&std::sync::Arc::from(scope));
-                }
-            }
+        // The database is asked only on these rarer paths (a re-check, a
+        // read of the log): their futures are boxed, so the state every
+        // idle session keeps between wakes does not reserve room for them.
+        if recheck && !Box::pin(self.recheck(scope, out)).await? {
+            return Ok(Step::Idle);
         }
+        let metrics = &self.ctx.metrics;
         let Some(sub) = self.subs.get_mut(scope) else {
             return Ok(Step::Idle);
         };
@@ -179,12 +151,12 @@ impl Session {
         }
         match sub.topic.read_after(sub.cursor, sub.epoch, PUMP_BATCH) {
             RingRead::UpToDate => {
-                set_catching_up(sub, false, &ctx.metrics);
+                set_catching_up(sub, false, metrics);
                 return Ok(Step::Idle);
             }
             RingRead::Frames(frames) => {
-                set_catching_up(sub, false, &ctx.metrics);
-                let written = send_frames(out, sub, &frames, &ctx.metrics).await?;
+                set_catching_up(sub, false, metrics);
+                let written = send_frames(out, sub, &frames, metrics).await?;
                 // Whatever was not written is let go here; the ring (or,
                 // once it has moved on, the log) still has it.
                 drop(frames);
@@ -196,16 +168,69 @@ impl Session {
                     || sub.topic.head() > sub.cursor.seq;
                 return Ok(if more { Step::More } else { Step::Idle });
             }
-            RingRead::Lagged => set_catching_up(sub, true, &ctx.metrics),
+            RingRead::Lagged => set_catching_up(sub, true, metrics),
         }
         if self.retry_at.is_some() {
             return Ok(Step::Idle);
         }
-        // Behind the ring (or the ring cannot vouch for the cursor): one
-        // batch from the log, sized to what this socket takes, reserved in
-        // the relay-wide budget until written. The log checks that it still
-        // holds the cursor's event unless the cursor came from the log in
-        // this generation and epoch.
+        Box::pin(self.catch_up(scope, out)).await
+    }
+
+    /// A membership event was the last thing sent: nothing more of this
+    /// scope goes out until the database says the user may still read it
+    /// (G4). On a database error, wait, never assume. `true`: the
+    /// subscription may go on now.
+    async fn recheck<S>(&mut self, scope: &str, out: &mut Out<S>) -> Result<bool, End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.retry_at.is_some() {
+            return Ok(false);
+        }
+        let ctx = self.ctx.clone();
+        ctx.metrics.reauthorized(RecheckCause::MembershipEvent, 1);
+        let verdicts = {
+            let _permit = ctx.backfills.acquire().await;
+            self.authorize(&[scope.to_string()]).await
+        };
+        match verdicts {
+            Ok(verdicts) => {
+                let outcome = outcome_for(&verdicts, scope);
+                if !self
+                    .apply_verdict(scope, outcome, RecheckCause::MembershipEvent, out)
+                    .await?
+                {
+                    return Ok(false);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-authorizing a subscription failed; retrying");
+                self.retry_at = Some(Instant::now() + Duration::from_millis(250));
+                return Ok(false);
+            }
+        }
+        if let Some(sub) = self.subs.get_mut(scope) {
+            sub.recheck = false;
+            if std::mem::take(&mut sub.presence_missed) {
+                self.mailbox.resync(&std::sync::Arc::from(scope));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Behind the ring (or the ring cannot vouch for the cursor): one
+    /// batch from the log, sized to what this socket takes, reserved in
+    /// the relay-wide budget until written. The log checks that it still
+    /// holds the cursor's event unless the cursor came from the log in
+    /// this generation and epoch.
+    async fn catch_up<S>(&mut self, scope: &str, out: &mut Out<S>) -> Result<Step, End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let ctx = self.ctx.clone();
+        let Some(sub) = self.subs.get_mut(scope) else {
+            return Ok(Step::Idle);
+        };
         let epoch = sub.topic.epoch();
         let generation = ctx.hub.generation();
         let check = sub.checked_in != Some(generation) || sub.epoch != epoch;
@@ -355,6 +380,14 @@ where
         bytes: 0,
         socket_full: false,
     };
+    // One clock read and one round of shared counter updates per batch:
+    // the frames of a batch leave within microseconds of each other, and
+    // every session's deliveries add to the same counters.
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let mut sent = Sent {
+        metrics,
+        delays: Tally::default(),
+    };
     for frame in frames {
         if !sub.wants(&frame.resource) {
             // Passed over (G10): the cursor moves; the client is told with
@@ -378,10 +411,7 @@ where
             written.socket_full = true;
             break;
         }
-        metrics.events_sent.fetch_add(1, Relaxed);
-        let now_us = chrono::Utc::now().timestamp_micros();
-        metrics
-            .delivery_delay
+        sent.delays
             .observe_us(now_us.saturating_sub(frame.captured_us).max(0) as u64);
         sub.cursor = Cursor::at(frame);
         written.frames += 1;
@@ -391,10 +421,28 @@ where
             break;
         }
     }
+    drop(sent);
     if !written.socket_full && !send_skipped(out, sub).await? {
         written.socket_full = true;
     }
     Ok(written)
+}
+
+/// The frames a batch queued, added to the shared counters once, when the
+/// batch ends (an early return on a failed socket included).
+struct Sent<'a> {
+    metrics: &'a Metrics,
+    delays: Tally,
+}
+
+impl Drop for Sent<'_> {
+    fn drop(&mut self) {
+        let n = self.delays.count();
+        if n > 0 {
+            self.metrics.events_sent.fetch_add(n, Relaxed);
+            self.metrics.delivery_delay.add(&self.delays);
+        }
+    }
 }
 
 /// Tells the client of the events the filter passed over, up to the

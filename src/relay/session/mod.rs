@@ -153,36 +153,47 @@ impl Subscription {
     }
 }
 
-pub async fn run<S>(
+/// The session of an upgraded connection, until it ends.
+///
+/// Everything the session keeps is built here, before the future: an
+/// `async fn` would hold its arguments (the whole WebSocket, the identity)
+/// besides what is made of them, for as long as the connection lives.
+pub fn run<S>(
     ws: WebSocketStream<S>,
     ctx: Arc<SessionContext>,
     identity: Identity,
     shutdown: CancellationToken,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let _counted = ConnectionCount::new(ctx.metrics.clone());
+    let counted = ConnectionCount::new(ctx.metrics.clone());
     let (sink, mut stream) = ws.split();
     let mut out = Out {
         sink,
         deadline: ctx.limits.pong_timeout,
     };
+    let budget = FrameBudget::new(ctx.limits.max_frames_per_second);
     let mut session = Session {
-        ctx: ctx.clone(),
+        ctx,
         identity,
         subs: HashMap::new(),
+        turns: Vec::new(),
         mailbox: Mailbox::new(NEXT_CONNECTION.fetch_add(1, Relaxed)),
         retry_at: None,
-        budget: FrameBudget::new(ctx.limits.max_frames_per_second),
+        budget,
         turn: 0,
     };
-    let end = session.serve(&mut out, &mut stream, &shutdown).await;
-    if let End::Close(code, reason) = end {
-        close_handshake(&mut out.sink, &mut stream, code, reason).await;
+    async move {
+        let _counted = counted;
+        let end = session.serve(&mut out, &mut stream, &shutdown).await;
+        if let End::Close(code, reason) = end {
+            close_handshake(&mut out.sink, &mut stream, code, reason).await;
+        }
+        // Dropping the session (here, or while unwinding from a panic)
+        // removes its subscriptions from the hub.
+        drop(session);
     }
-    // Dropping the session (here, or while unwinding from a panic)
-    // removes its subscriptions from the hub.
-    drop(session);
 }
 
 /// Closes a connection that never becomes a session (bad token, limits)
@@ -220,7 +231,15 @@ impl Drop for Session {
 struct Session {
     ctx: Arc<SessionContext>,
     identity: Identity,
-    subs: HashMap<String, Subscription>,
+    /// Keyed by shared names, so a turn of `pump` names each scope
+    /// without copying it. Boxed: the map keeps room for at least four
+    /// entries once it has one, and most connections have one
+    /// subscription, so inline entries would hold four `Subscription`s for
+    /// every idle connection.
+    subs: HashMap<Arc<str>, Box<Subscription>>,
+    /// The order of `pump`'s turns, refilled each time (kept for its
+    /// capacity: a wake allocates nothing).
+    turns: Vec<Arc<str>>,
     /// Rung by topics when they publish, and by ourselves for more work.
     mailbox: Arc<Mailbox>,
     /// After a failed log read, when to try again.
@@ -272,56 +291,85 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let limits = self.ctx.limits;
         // When the oldest ping still unanswered was sent: liveness is
         // judged against pings actually sent, never against plain silence.
         let mut unanswered_since: Option<Instant> = None;
-        let mut ping =
-            tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
         // Made once and kept across iterations, not per wake: a fresh
         // cancellation waiter and token timer for every delivery were
         // registrations on structures all sessions share.
         let cancelled = shutdown.cancelled();
         tokio::pin!(cancelled);
         let mut expires_at = self.identity.expires_at;
-        let expiry = tokio::time::sleep_until(self.expiry());
-        tokio::pin!(expiry);
+        let mut valid_until = self.expiry();
+        // Until the client says anything, the connection is bounded in
+        // time like an HTTP request is.
+        let first_frame_by = Instant::now() + self.ctx.limits.first_frame_timeout;
+        let mut heard = false;
+        // The session's deadlines share two timers, each set to the
+        // earliest of its own, rather than one timer each: every timer is
+        // memory every idle connection keeps (an interval boxes its own),
+        // and a timer made anew on each wake, as the pong deadline was, is
+        // a registration per wake. `guard` (the token's expiry, the first
+        // frame) is polled before the socket, so a client that keeps
+        // sending cannot hold the connection past its token; `chores`
+        // (pings, their deadline, the scheduled re-check, a retry) after
+        // it, so a pong already received counts before its deadline is
+        // judged.
+        let guard = tokio::time::sleep_until(first_frame_by.min(valid_until));
+        tokio::pin!(guard);
+        // The limits are read where they are used rather than copied:
+        // this future is kept by every connection.
+        let mut next_ping = Instant::now() + self.ctx.limits.ping_interval;
         // The safety net of G4. The first check falls at a random point of
         // the first period, so sessions that connected together (after a
         // relay restart) do not all ask the database at once; after it,
         // every period.
-        let mut reauthorize = limits.reauthorize_interval.map(|period| {
-            let first = period.mul_f64(rand::rng().random_range(0.0..1.0));
-            let mut timer = tokio::time::interval_at(Instant::now() + first, period);
-            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            timer
-        });
-        // Until the client says anything, the connection is bounded in
-        // time like an HTTP request is.
-        let first_frame = tokio::time::sleep(limits.first_frame_timeout);
-        tokio::pin!(first_frame);
-        let mut heard = false;
+        let mut next_reauthorize = self
+            .ctx
+            .limits
+            .reauthorize_interval
+            .map(|period| Instant::now() + period.mul_f64(rand::rng().random_range(0.0..1.0)));
+        let chores = tokio::time::sleep_until(next_ping);
+        tokio::pin!(chores);
         loop {
             if self.identity.expires_at != expires_at {
-                // Refreshed by {"action":"auth"}.
+                // Refreshed by {"action":"auth"}, a frame: the first frame's
+                // deadline is behind us.
                 expires_at = self.identity.expires_at;
-                expiry.as_mut().reset(self.expiry());
+                valid_until = self.expiry();
+                guard.as_mut().reset(valid_until);
             }
-            let retry = self.retry_at;
+            let pong_timeout = self.ctx.limits.pong_timeout;
+            let chores_at = [
+                unanswered_since.map(|t| t + pong_timeout),
+                next_reauthorize,
+                self.retry_at,
+            ]
+            .into_iter()
+            .fold(next_ping, |at, other| earliest(other, at));
+            if chores.deadline() != chores_at {
+                chores.as_mut().reset(chores_at);
+            }
             tokio::select! {
                 biased;
                 _ = &mut cancelled => {
                     return End::Close(close::GOING_AWAY, "relay shutting down; reconnect and resume with since_seq");
                 }
-                _ = &mut expiry => {
-                    return End::Close(close::TOKEN_EXPIRED, "token expired; send {\"action\":\"auth\"} with a fresh token before expiry");
-                }
-                _ = &mut first_frame, if !heard => {
+                _ = &mut guard => {
+                    // Judged at the deadline the timer was set to, so the one
+                    // that fired counts as due however the clock is read.
+                    let now = Instant::now().max(guard.deadline());
+                    if heard || now >= valid_until {
+                        return End::Close(close::TOKEN_EXPIRED, "token expired; send {\"action\":\"auth\"} with a fresh token before expiry");
+                    }
                     self.ctx.metrics.timeouts.first_frame.fetch_add(1, Relaxed);
                     return End::Close(close::UNRESPONSIVE, "no frame received in time after connecting");
                 }
                 incoming = stream.next() => {
-                    heard = true;
+                    if !heard {
+                        heard = true;
+                        guard.as_mut().reset(valid_until);
+                    }
                     unanswered_since = None;
                     let result = match incoming {
                         None => return End::Gone,
@@ -333,33 +381,46 @@ impl Session {
                             return End::Close(close::INVALID_PAYLOAD, "text frame is not valid UTF-8");
                         }
                         Some(Err(_)) => return End::Gone,
-                        Some(Ok(message)) => self.on_message(message, out).await,
+                        Some(Ok(message)) => Box::pin(self.on_message(message, out)).await,
                     };
                     if let Err(end) = result {
                         return end;
                     }
                 }
                 // Before `wake`: a long catch-up keeps `wake` ready all the
-                // time and must not starve the pings. The deadline runs
-                // from the oldest unanswered ping on its own timer, not on
-                // the ping tick, so a silent peer goes `pong_timeout` after
-                // that ping, as documented.
-                _ = sleep_until_opt(unanswered_since.map(|t| t + limits.pong_timeout)) => {
-                    return End::Close(close::UNRESPONSIVE, "no answer to pings");
-                }
-                _ = ping.tick() => {
-                    let sent = async {
-                        out.feed(Message::Ping(Default::default())).await?;
-                        out.flush().await
-                    };
-                    if let Err(end) = sent.await {
-                        return end;
+                // time and must not starve the pings. The pong deadline runs
+                // from the oldest unanswered ping, not from the ping tick,
+                // so a silent peer goes `pong_timeout` after that ping, as
+                // documented.
+                _ = &mut chores => {
+                    let now = Instant::now().max(chores.deadline());
+                    if unanswered_since.is_some_and(|t| now >= t + self.ctx.limits.pong_timeout) {
+                        return End::Close(close::UNRESPONSIVE, "no answer to pings");
                     }
-                    unanswered_since.get_or_insert_with(Instant::now);
-                }
-                _ = tick_opt(&mut reauthorize) => {
-                    if let Err(end) = self.reauthorize_all(out).await {
-                        return end;
+                    if now >= next_ping {
+                        let sent = Box::pin(async {
+                            out.feed(Message::Ping(Default::default())).await?;
+                            out.flush().await
+                        });
+                        if let Err(end) = sent.await {
+                            return end;
+                        }
+                        unanswered_since.get_or_insert_with(Instant::now);
+                        next_ping = next_after(next_ping, self.ctx.limits.ping_interval, now);
+                    }
+                    if let Some(at) = next_reauthorize.filter(|at| now >= *at) {
+                        next_reauthorize = self
+                            .ctx
+                            .limits
+                            .reauthorize_interval
+                            .map(|period| next_after(at, period, now));
+                        if let Err(end) = Box::pin(self.reauthorize_all(out)).await {
+                            return end;
+                        }
+                    }
+                    if self.retry_at.is_some_and(|at| now >= at) {
+                        self.retry_at = None;
+                        self.mailbox.wake();
                     }
                 }
                 _ = self.mailbox.rung() => {
@@ -370,10 +431,6 @@ impl Session {
                     if let Err(end) = pumped {
                         return end;
                     }
-                }
-                _ = sleep_until_opt(retry) => {
-                    self.retry_at = None;
-                    self.mailbox.wake();
                 }
             }
         }
@@ -461,8 +518,8 @@ impl Session {
             }
             ClientMessage::PresenceLeave { scope } => self.set_presence(scope, None, out).await,
             ClientMessage::Unsubscribe { scope } => {
-                if let Some(sub) = self.subs.remove(&scope) {
-                    self.drop_subscription(sub);
+                if let Some(sub) = self.subs.remove(scope.as_str()) {
+                    self.drop_subscription(*sub);
                     out.text(protocol::unsubscribed_frame(&scope)).await
                 } else {
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
@@ -504,19 +561,18 @@ impl Session {
     }
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// The earlier of a deadline that may not be set and one that is.
+fn earliest(at: Option<Instant>, or: Instant) -> Instant {
+    at.map_or(or, |at| at.min(or))
 }
 
-/// Ticks `timer`, or never when there is none.
-async fn tick_opt(timer: &mut Option<tokio::time::Interval>) {
-    match timer {
-        Some(t) => {
-            t.tick().await;
-        }
-        None => std::future::pending().await,
+/// The deadline after `at` for something due every `period`; one already
+/// past is moved a period from `now` (late ticks are not made up).
+fn next_after(at: Instant, period: Duration, now: Instant) -> Instant {
+    let next = at + period;
+    if next > now {
+        next
+    } else {
+        now + period
     }
 }

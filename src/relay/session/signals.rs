@@ -32,7 +32,7 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let refusal = match self.subs.get(&broadcast.scope) {
+        let refusal = match self.subs.get(broadcast.scope.as_str()) {
             None => Some((
                 code::NOT_SUBSCRIBED,
                 "subscribe to this project before broadcasting to it",
@@ -96,7 +96,7 @@ impl Session {
         } else {
             "presence_leave"
         };
-        let refusal = match self.subs.get_mut(&scope) {
+        let refusal = match self.subs.get_mut(scope.as_str()) {
             None => Some((
                 code::NOT_SUBSCRIBED,
                 "subscribe to this project before joining its presence",

@@ -2,6 +2,7 @@
 //! cursor, and the `reset` it starts with), and what ending one lets go of.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -26,7 +27,9 @@ impl Session {
         let error = |code: &str, message: &str| {
             protocol::error_frame(code, message, Some("subscribe"), Some(&scope))
         };
-        if !self.subs.contains_key(&scope) && self.subs.len() >= self.ctx.limits.max_subscriptions {
+        if !self.subs.contains_key(scope.as_str())
+            && self.subs.len() >= self.ctx.limits.max_subscriptions
+        {
             self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
             let frame = error(
                 code::TOO_MANY_SUBSCRIPTIONS,
@@ -59,8 +62,8 @@ impl Session {
                 Ok(true) => (state, tracked),
                 Ok(false) => {
                     // Refused now: whatever was allowed before ends too.
-                    if let Some(old) = self.subs.remove(&scope) {
-                        self.drop_subscription(old);
+                    if let Some(old) = self.subs.remove(scope.as_str()) {
+                        self.drop_subscription(*old);
                     }
                     self.ctx.metrics.client_errors.fetch_add(1, Relaxed);
                     let frame = error(code::FORBIDDEN, "not a member of this project");
@@ -80,9 +83,9 @@ impl Session {
         // Re-subscribing replaces the old cursor; the connection stays in
         // the scope's presence.
         let mut present = false;
-        if let Some(mut old) = self.subs.remove(&scope) {
+        if let Some(mut old) = self.subs.remove(scope.as_str()) {
             present = std::mem::take(&mut old.present);
-            self.drop_subscription(old);
+            self.drop_subscription(*old);
         }
         let (topic, id, epoch) =
             self.ctx
@@ -94,8 +97,8 @@ impl Session {
         // is checked by its first read.
         let checked_in = (cursor == state.latest()).then_some(generation);
         self.subs.insert(
-            scope.clone(),
-            Subscription {
+            Arc::from(scope.as_str()),
+            Box::new(Subscription {
                 topic,
                 id,
                 cursor,
@@ -109,7 +112,7 @@ impl Session {
                 presence_missed: false,
                 filter: resources.clone(),
                 skip_from: None,
-            },
+            }),
         );
         let subscribed = match &resources {
             Some(resources) => {
@@ -164,7 +167,7 @@ impl Session {
 
     pub(super) fn unsubscribe_all(&mut self) {
         for (_, sub) in std::mem::take(&mut self.subs) {
-            self.drop_subscription(sub);
+            self.drop_subscription(*sub);
         }
     }
 }
