@@ -34,6 +34,10 @@ for i in $(seq 1 "$runs"); do
         $bench --out "$out" saturation --subscribers "$n" --projects 1 --writers 4 --seconds 5
     done
     $bench --out "$out" connections --count 10000
+    # Issue 20, targets 1 and 4: the largest count this machine holds (its
+    # open-files limit is 20,000 per process), with relay RSS and a new
+    # subscriber's first-event p99 at each tenth (connections-19500.svg).
+    $bench --out "$out" connections --count 19500 --per-source 5000 --curve-probes 30
     # Issue 20, target 2: a crowded project (a million deliveries a second)
     # and a spread load (19,000 connections: this machine's open-files
     # limit; 100,000 where RLIMIT_NOFILE allows); and the per-delivery CPU
