@@ -34,12 +34,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::json;
-use testkit::listen::Notices;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::env::Env;
-use crate::latency::{baseline_listener, PacedWriters};
+use crate::latency::{start_baseline, PacedWriters};
 use crate::lightws::Conn;
 use crate::loopback;
 use crate::report::{latency_svg, machine, Outcome};
@@ -141,14 +140,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     }
     let open_secs = t_open.elapsed().as_secs_f64();
 
-    let base_hist = Arc::new(Mutex::new(latency_histogram()?));
-    let notices = Notices::listen(&env.url, "cache_invalidate").await?;
-    let baseline = tokio::spawn(baseline_listener(
-        notices,
-        base_hist.clone(),
-        shared.measuring.clone(),
-        shared.stop.clone(),
-    ));
+    let baseline = start_baseline(env, shared.measuring.clone(), shared.stop.clone()).await?;
     let load = PacedWriters::start(
         env,
         opts.writers,
@@ -199,11 +191,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         other_frames += got.other_frames;
         first_other = first_other.or(got.first_other);
     }
-    baseline.await??;
-    let base_h = base_hist
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clone();
+    let base_h = baseline.await??;
 
     let mut totals = Seen::default();
     let (mut lost, mut short, mut dropped, mut first_drop) = (0u64, 0u64, 0u64, None);

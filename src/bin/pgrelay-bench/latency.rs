@@ -3,7 +3,7 @@
 //! relay can beat, both timing the same writes with the same clock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -30,14 +30,7 @@ pub async fn run(
     seconds: u64,
 ) -> anyhow::Result<Outcome> {
     let (shared, subs) = subscriber::start(env, subscribers, projects).await?;
-    let base_hist = Arc::new(Mutex::new(latency_histogram()?));
-    let notices = Notices::listen(&env.url, "cache_invalidate").await?;
-    let baseline = tokio::spawn(baseline_listener(
-        notices,
-        base_hist.clone(),
-        shared.measuring.clone(),
-        shared.stop.clone(),
-    ));
+    let baseline = start_baseline(env, shared.measuring.clone(), shared.stop.clone()).await?;
 
     // Writers at a fixed total rate: 4 connections, each paced.
     let warmup = Duration::from_secs(2);
@@ -68,12 +61,8 @@ pub async fn run(
     let totals = subscriber::join_all(subs).await?;
     let expected = total_written * (subscribers as u64) / (projects as u64);
     let lost = expected.saturating_sub(totals.received);
-    baseline.await??;
+    let base_h = baseline.await??;
     let relay_h = shared.histogram()?;
-    let base_h = base_hist
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clone();
     let deliveries_per_s = shared.delivered.load(Relaxed) as f64 / window;
     let name = format!("latency-{subscribers}x{rate}");
     let p50_delta_ms =
@@ -177,16 +166,25 @@ impl PacedWriters {
     }
 }
 
-/// The baseline: LISTEN straight on Postgres, same writes, same clock.
-/// Each notice was stamped as it came off the connection.
-pub async fn baseline_listener(
-    mut notices: Notices,
-    hist: Arc<Mutex<Histogram<u64>>>,
+/// Starts the baseline: LISTEN straight on Postgres, same writes, same
+/// clock. Its task ends with the latencies of the window once `stop` is
+/// cancelled.
+pub async fn start_baseline(
+    env: &Env,
     measuring: Arc<AtomicBool>,
     stop: CancellationToken,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<JoinHandle<anyhow::Result<Histogram<u64>>>> {
+    let notices = Notices::listen(&env.url, "cache_invalidate").await?;
+    Ok(tokio::spawn(baseline_listener(notices, measuring, stop)))
+}
+
+/// Each notice was stamped as it came off the connection.
+async fn baseline_listener(
+    mut notices: Notices,
+    measuring: Arc<AtomicBool>,
+    stop: CancellationToken,
+) -> anyhow::Result<Histogram<u64>> {
     let mut local = latency_histogram()?;
-    let mut count = 0;
     let stopped = stop.cancelled();
     tokio::pin!(stopped);
     loop {
@@ -201,16 +199,12 @@ pub async fn baseline_listener(
                 if measuring.load(Relaxed) {
                     if let Some(sent) = sent_us(&payload) {
                         let _ = local.record(at_us.saturating_sub(sent).max(1));
-                        count += 1;
                     }
                 }
             }
         }
     }
-    hist.lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .add(&local)?;
-    Ok(count)
+    Ok(local)
 }
 
 /// Inserts one message whose id starts with its send time.
