@@ -385,19 +385,6 @@ async fn a_transaction_pooler_on_the_listen_path_fails_and_a_direct_listen_url_p
     assert!(run.failed().is_empty(), "{:#}", run.report);
 }
 
-/// A primary whose WAL a standby can stream, as `tests/failover.rs` sets
-/// one up.
-fn primary_options() -> PgOptions {
-    let mut options = PgOptions::for_tests();
-    options
-        .settings
-        .retain(|(k, _)| k != "full_page_writes" && k != "synchronous_commit");
-    options
-        .settings
-        .push(("wal_keep_size".into(), "64MB".into()));
-    options
-}
-
 /// Polls `sql` (one boolean) on `url` until it is true, or panics.
 async fn until(url: &str, sql: &str, what: &str) {
     let (c, conn) = connect(url).await;
@@ -423,7 +410,7 @@ async fn until(url: &str, sql: &str, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_whose_role_lacks_pg_read_all_stats_warns_and_the_grant_fixes_it() {
-    let primary = TestServer::with_options(primary_options()).await;
+    let primary = TestServer::with_options(primary_options("64MB")).await;
     let db = primary.fresh_db().await;
     let c = db.client().await;
     c.batch_execute("CREATE ROLE replica_reader LOGIN")

@@ -22,21 +22,6 @@ use pgrelay::db::embedded::{PgOptions, PgServer};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-/// Settings of a primary with a standby: durable enough for a base
-/// backup, WAL kept for the standby, commits that wait for the standby
-/// once synchronous replication is switched on (by `Pair::start`, after the
-/// standby streams: before, every commit would wait forever).
-fn primary_options() -> PgOptions {
-    let mut options = PgOptions::for_tests();
-    options
-        .settings
-        .retain(|(k, _)| k != "full_page_writes" && k != "synchronous_commit");
-    options
-        .settings
-        .push(("wal_keep_size".into(), "256MB".into()));
-    options
-}
-
 /// A standby's settings: those of the tests (it must allow as many
 /// connections as its primary), never waiting for a standby of its own.
 fn standby_options() -> PgOptions {
@@ -52,7 +37,11 @@ struct Pair {
 
 impl Pair {
     async fn start(sync: bool, project: &str, members: &[&str]) -> Pair {
-        let primary = TestServer::with_options(primary_options()).await;
+        // A primary (`common::primary_options`) whose commits wait for the
+        // standby once synchronous replication is switched on, below,
+        // after the standby streams: before, every commit would wait
+        // forever.
+        let primary = TestServer::with_options(primary_options("256MB")).await;
         let db = primary.fresh_db().await;
         let c = db.client().await;
         seed_project(&c, project, members).await;

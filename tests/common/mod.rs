@@ -546,3 +546,17 @@ pub fn base64url(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// Settings of a primary a standby can stream from: durable enough for a
+/// base backup (full-page writes and synchronous commit back at their
+/// defaults) and `wal_keep_size` of WAL kept for the standby.
+pub fn primary_options(wal_keep_size: &str) -> PgOptions {
+    let mut options = PgOptions::for_tests();
+    options
+        .settings
+        .retain(|(k, _)| k != "full_page_writes" && k != "synchronous_commit");
+    options
+        .settings
+        .push(("wal_keep_size".into(), wal_keep_size.into()));
+    options
+}
