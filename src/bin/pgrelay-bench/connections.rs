@@ -39,23 +39,34 @@ const PROJECTS: usize = 100;
 const INSERT: &str =
     "INSERT INTO chat.messages (id, project_id, sender_id, body) VALUES ($1, $2, 'w', $3)";
 
-#[derive(Clone, Copy)]
+/// What the scenario is asked to do (its command-line options).
+#[derive(clap::Args, Clone, Copy, Debug)]
 pub struct Options {
+    #[arg(long, default_value_t = 10_000)]
     pub count: usize,
-    /// Clients per 127.0.0.x source address.
+    /// Clients per 127.0.0.x source address (loopback has ~28,000
+    /// ephemeral ports per address).
+    #[arg(long, default_value_t = 20_000)]
     pub per_source: usize,
     /// Connections being opened at once (below the relay's accept backlog
     /// and its limit on connections not yet upgraded).
+    #[arg(long, default_value_t = 256)]
     pub in_flight: usize,
-    /// New subscribers timed in each phase (before and while connected).
+    /// New subscribers timed before and while the crowd is connected.
+    #[arg(long, default_value_t = 300)]
     pub probes: usize,
-    /// Pause between two probes.
-    pub probe_gap: Duration,
-    /// How long all clients stay connected at least: longer than the
-    /// relay's ping period plus its pong timeout, so a client that did not
-    /// answer pings would be dropped (and counted).
-    pub hold: Duration,
-    /// New subscribers timed at each step of the curve (0: none).
+    /// Milliseconds between two of them.
+    #[arg(long, default_value_t = 50)]
+    pub probe_gap_ms: u64,
+    /// Seconds the crowd stays connected at least: longer than the
+    /// relay's ping period plus its pong timeout (20 + 45 s), so a client
+    /// that failed to answer would be dropped, and counted.
+    #[arg(long, default_value_t = 70)]
+    pub hold_seconds: u64,
+    /// New subscribers timed at each tenth of the count as the crowd
+    /// opens (0: none), for the curve of first-event p99 against
+    /// connections. Opening pauses while they run.
+    #[arg(long, default_value_t = 0)]
     pub curve_probes: usize,
 }
 
@@ -168,7 +179,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     let relay_fds = open_fds(env.relay.pid());
     let bench_rss = testkit::process::rss_kib(std::process::id())?;
     let crowded = probe(env, &tokens[0], &probe_project, opts).await;
-    if let Some(rest) = opts.hold.checked_sub(held_since.elapsed()) {
+    if let Some(rest) = Duration::from_secs(opts.hold_seconds).checked_sub(held_since.elapsed()) {
         tokio::time::sleep(rest).await;
     }
     let rss_end = env.relay.rss_kib();
@@ -355,7 +366,7 @@ async fn probe(env: &Env, token: &str, project: &str, opts: &Options) -> anyhow:
             .record(at_us.saturating_sub(sent).max(1))?;
         probed.subscribe.record(subscribed_us.max(1))?;
         drop(conn);
-        tokio::time::sleep(opts.probe_gap).await;
+        tokio::time::sleep(Duration::from_millis(opts.probe_gap_ms)).await;
     }
     Ok(probed)
 }

@@ -101,31 +101,8 @@ enum Scenario {
     /// opening rate, and a new subscriber's first-event latency while
     /// they are all connected.
     Connections {
-        #[arg(long, default_value_t = 10_000)]
-        count: usize,
-        /// Clients per 127.0.0.x source address (loopback has ~28,000
-        /// ephemeral ports per address).
-        #[arg(long, default_value_t = 20_000)]
-        per_source: usize,
-        /// Connections being opened at once.
-        #[arg(long, default_value_t = 256)]
-        in_flight: usize,
-        /// New subscribers timed before and while the crowd is connected.
-        #[arg(long, default_value_t = 300)]
-        probes: usize,
-        /// Milliseconds between two of them.
-        #[arg(long, default_value_t = 50)]
-        probe_gap_ms: u64,
-        /// Seconds the crowd stays connected at least: longer than the
-        /// relay's ping period plus its pong timeout (20 + 45 s), so a
-        /// client that failed to answer would be dropped, and counted.
-        #[arg(long, default_value_t = 70)]
-        hold_seconds: u64,
-        /// New subscribers timed at each tenth of the count as the crowd
-        /// opens (0: none), for the curve of first-event p99 against
-        /// connections. Opening pauses while they run.
-        #[arg(long, default_value_t = 0)]
-        curve_probes: usize,
+        #[command(flatten)]
+        opts: connections::Options,
     },
     /// Many light subscribers while paced writers commit a fixed rate: a
     /// crowded project (`--projects 1`) or a spread load; latency against
@@ -163,19 +140,8 @@ enum Scenario {
     /// Primary CPU per delivered event with several relays, with or
     /// without a hot standby taking their log reads.
     Replicas {
-        /// Read the log from a streaming standby.
-        #[arg(long)]
-        standby: bool,
-        #[arg(long, default_value_t = 3)]
-        relays: usize,
-        #[arg(long, default_value_t = 300)]
-        subscribers: usize,
-        #[arg(long, default_value_t = 10)]
-        projects: usize,
-        #[arg(long, default_value_t = 4)]
-        writers: usize,
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
+        #[command(flatten)]
+        opts: replicas::Options,
     },
     /// What capture costs writers: captured vs uncaptured inserts.
     WriteCost {
@@ -223,9 +189,9 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         let env = match cli.scenario {
             Scenario::Signals { .. } => env::Env::start_with(&signals::limits()).await?,
-            Scenario::Replicas { standby: true, .. } => {
-                env::Env::start_with_standby(&relay::Limits::default()).await?
-            }
+            Scenario::Replicas {
+                opts: replicas::Options { standby: true, .. },
+            } => env::Env::start_with_standby(&relay::Limits::default()).await?,
             _ => env::Env::start().await?,
         };
         let result = match cli.scenario.clone() {
@@ -241,44 +207,8 @@ fn main() -> anyhow::Result<()> {
                 writers,
                 seconds,
             } => saturation::run(&env, subscribers, projects, writers, seconds).await?,
-            Scenario::Connections {
-                count,
-                per_source,
-                in_flight,
-                probes,
-                probe_gap_ms,
-                hold_seconds,
-                curve_probes,
-            } => {
-                let opts = connections::Options {
-                    count,
-                    per_source,
-                    in_flight,
-                    probes,
-                    probe_gap: std::time::Duration::from_millis(probe_gap_ms),
-                    hold: std::time::Duration::from_secs(hold_seconds),
-                    curve_probes,
-                };
-                connections::run(&env, &opts).await?
-            }
-            Scenario::Replicas {
-                standby,
-                relays,
-                subscribers,
-                projects,
-                writers,
-                seconds,
-            } => {
-                let opts = replicas::Options {
-                    standby,
-                    relays,
-                    subscribers,
-                    projects,
-                    writers,
-                    seconds,
-                };
-                replicas::run(&env, &opts).await?
-            }
+            Scenario::Connections { opts } => connections::run(&env, &opts).await?,
+            Scenario::Replicas { opts } => replicas::run(&env, &opts).await?,
             Scenario::WriteCost { seconds } => write_cost::run(&env, seconds).await?,
             Scenario::Stalled {
                 counts,

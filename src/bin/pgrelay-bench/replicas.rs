@@ -20,13 +20,21 @@ use crate::saturation::{Writers, ROWS_PER_STATEMENT};
 use crate::stats::ms_cell;
 use crate::subscriber;
 
+/// What the scenario is asked to do (its command-line options).
+#[derive(clap::Args, Clone, Debug)]
 pub struct Options {
-    /// Whether the [`Env`] was started with a standby.
+    /// Read the log from a streaming standby, which the bench starts.
+    #[arg(long)]
     pub standby: bool,
+    #[arg(long, default_value_t = 3)]
     pub relays: usize,
+    #[arg(long, default_value_t = 300)]
     pub subscribers: usize,
+    #[arg(long, default_value_t = 10)]
     pub projects: usize,
+    #[arg(long, default_value_t = 4)]
     pub writers: usize,
+    #[arg(long, default_value_t = 10)]
     pub seconds: u64,
 }
 
