@@ -52,12 +52,6 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn observe_us(&self, micros: u64) {
-        let mut tally = Tally::default();
-        tally.observe_us(micros);
-        self.add(&tally);
-    }
-
     /// Adds what a [`Tally`] gathered: one atomic add per bucket it
     /// touched, so a batch of deliveries does not take three shared cache
     /// lines per event.
@@ -692,9 +686,11 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative() {
         let m = Metrics::default();
-        m.delivery_delay.observe_us(300); // 0.3 ms
-        m.delivery_delay.observe_us(3_000); // 3 ms
-        m.delivery_delay.observe_us(60_000_000); // beyond the last bucket
+        let mut tally = Tally::default();
+        tally.observe_us(300); // 0.3 ms
+        tally.observe_us(3_000); // 3 ms
+        tally.observe_us(60_000_000); // beyond the last bucket
+        m.delivery_delay.add(&tally);
         let text = m.render(Some(0.0));
         assert!(text.contains("pgrelay_delivery_delay_seconds_bucket{le=\"0.0005\"} 1"));
         assert!(text.contains("pgrelay_delivery_delay_seconds_bucket{le=\"0.005\"} 2"));
