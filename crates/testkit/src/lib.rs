@@ -49,6 +49,8 @@ pub enum Error {
     NoStatus(String),
     #[error("the relay process {0}")]
     Process(String),
+    #[error("/proc/stat: {0}")]
+    ProcStat(String),
 }
 
 impl From<tungstenite::Error> for Error {

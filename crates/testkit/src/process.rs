@@ -121,32 +121,6 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     (stat_ticks(&f, 11) + stat_ticks(&f, 12)) / TICKS_PER_SECOND
 }
 
-/// CPU seconds used by Postgres: every live `postgres` process, plus what
-/// the postmaster's exited children used (its cutime and cstime), so
-/// backends that come and go are still counted.
-pub fn postgres_cpu_seconds() -> f64 {
-    let comm = |pid: &str| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let mut ticks = 0.0;
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
-                continue;
-            };
-            if comm(&pid.to_string()).trim() != "postgres" {
-                continue;
-            }
-            let f = stat_fields(pid);
-            ticks += stat_ticks(&f, 11) + stat_ticks(&f, 12);
-            let parent = f.get(1).cloned().unwrap_or_default();
-            if comm(&parent).trim() != "postgres" {
-                ticks += stat_ticks(&f, 13) + stat_ticks(&f, 14);
-            }
-        }
-    }
-    ticks / TICKS_PER_SECOND
-}
-
 /// CPU seconds used by one Postgres server: its postmaster, the live
 /// children, and the children that have exited (the postmaster's cutime
 /// and cstime); apart from any other server on the machine, such as a
@@ -169,7 +143,31 @@ pub fn server_cpu_seconds(postmaster: u32) -> f64 {
     ticks / TICKS_PER_SECOND
 }
 
-/// Linux's USER_HZ, the unit of /proc/PID/stat's times.
+/// Busy CPU seconds of the whole machine since boot, from the first line
+/// of `/proc/stat` (user, nice, system, irq, softirq and steal; guest time
+/// is inside user already): with the processes' own, what the rest of a
+/// shared machine used.
+pub fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| Error::ProcStat("no cpu line".into()))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::ProcStat(format!("unparsable line {line:?}")))?;
+    if ticks.len() < 8 {
+        return Err(Error::ProcStat(format!("short line {line:?}")));
+    }
+    // user nice system idle iowait irq softirq steal
+    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
+    Ok(busy / TICKS_PER_SECOND)
+}
+
+/// Linux's USER_HZ, the unit of /proc/PID/stat's and /proc/stat's times.
 const TICKS_PER_SECOND: f64 = 100.0;
 
 /// The fields of /proc/PID/stat after the command name.

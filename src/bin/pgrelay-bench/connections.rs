@@ -30,7 +30,7 @@ use crate::env::Env;
 use crate::lightws::Conn;
 use crate::loopback;
 use crate::report::{machine, Outcome};
-use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles};
+use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles, round2};
 use crate::subscriber::{sent_us, SUBSCRIBE_WAIT};
 
 /// Projects the idle clients spread over; the probes use one more.
@@ -80,11 +80,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     let count = opts.count;
     let users: Vec<String> = (0..100).map(|i| format!("u{i}")).collect();
     env.seed_projects(PROJECTS + 1, &users).await?;
-    let tokens: Arc<[String]> = users
-        .iter()
-        .map(|u| env.token(u))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into();
+    let tokens = env.tokens(&users)?;
     let probe_project = format!("p{}", PROJECTS + 1);
 
     loopback::check_open_files(env, count)?;
@@ -104,14 +100,19 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     let t0 = Instant::now();
     // Time spent probing the curve is not time spent opening.
     let mut paused = Duration::ZERO;
-    let note = |opened: usize, curve: &mut Vec<Value>| {
-        if opened.is_multiple_of(step) || opened == count {
+    // A client's report that it opened (or why it failed): counted, and a
+    // point of the curve at every tenth.
+    let one_opened = |result: anyhow::Result<()>, opened: &mut usize, curve: &mut Vec<Value>| {
+        result?;
+        *opened += 1;
+        if opened.is_multiple_of(step) || *opened == count {
             curve.push(json!({
-                "connections": opened,
-                "seconds": (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+                "connections": *opened,
+                "seconds": round2(t0.elapsed().as_secs_f64()),
                 "relay_rss_kib": env.relay.rss_kib(),
             }));
         }
+        anyhow::Ok(())
     };
     curve.push(json!({"connections": 0, "seconds": 0.0, "relay_rss_kib": rss_before}));
     if opts.curve_probes > 0 {
@@ -128,9 +129,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
                 // probes run, so the point's count is exact.
                 while opened < k {
                     let r = opened_rx.recv().await.context("opening clients vanished")?;
-                    r?;
-                    opened += 1;
-                    note(opened, &mut curve);
+                    one_opened(r, &mut opened, &mut curve)?;
                 }
                 let started = Instant::now();
                 let probed = probe(env, &tokens[0], &probe_project, &curve_opts).await?;
@@ -152,16 +151,12 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
             };
             tracker.spawn(client.open());
             while let Ok(r) = opened_rx.try_recv() {
-                r?;
-                opened += 1;
-                note(opened, &mut curve);
+                one_opened(r, &mut opened, &mut curve)?;
             }
         }
         while opened < count {
             let r = opened_rx.recv().await.context("opening clients vanished")?;
-            r?;
-            opened += 1;
-            note(opened, &mut curve);
+            one_opened(r, &mut opened, &mut curve)?;
         }
         Ok(())
     }
@@ -201,9 +196,9 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         "source_addresses": sources, "in_flight": opts.in_flight,
         "relay_rss_kib_before": rss_before, "relay_rss_kib_after": rss_after,
         "relay_rss_kib_end": rss_end,
-        "kib_per_connection": (per_conn * 100.0).round() / 100.0,
+        "kib_per_connection": round2(per_conn),
         "connect_and_subscribe_per_s": rate.round(),
-        "connect_seconds": (connect_secs * 100.0).round() / 100.0,
+        "connect_seconds": round2(connect_secs),
         "held_seconds": (held_secs * 10.0).round() / 10.0,
         "dropped_while_held": dropped_n,
         "relay_open_fds": relay_fds,

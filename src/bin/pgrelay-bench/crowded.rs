@@ -42,7 +42,7 @@ use crate::latency::{start_baseline, PacedWriters};
 use crate::lightws::Conn;
 use crate::loopback;
 use crate::report::{latency_svg, machine, Outcome};
-use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles, ratio};
+use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles, ratio, round2};
 use crate::subscriber::{sent_us, seq_of, Seen, SUBSCRIBE_WAIT};
 
 /// What the scenario is asked to do (its command-line options).
@@ -101,11 +101,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     let sources = loopback::sources(n, opts.per_source)?;
     let users: Vec<String> = (0..USERS.min(n).max(1)).map(|i| format!("u{i}")).collect();
     env.seed_projects(projects, &users).await?;
-    let tokens: Arc<[String]> = users
-        .iter()
-        .map(|u| env.token(u))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into();
+    let tokens = env.tokens(&users)?;
 
     let shared = Arc::new(Shared {
         stop: CancellationToken::new(),
@@ -151,7 +147,7 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
     .await?;
     let (written, per_project) = (load.written.clone(), load.per_project.clone());
     tokio::time::sleep(WARMUP).await;
-    let cpu = env.cpu_split()?;
+    let cpu = env.cpu_meter()?;
     let written0 = written.load(Relaxed);
     shared.measuring.store(true, Relaxed);
     let unread = tokio::task::spawn_blocking({
@@ -213,7 +209,6 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         0 => 0.0,
         d => (cores * window / d as f64 * 1e6 * 1000.0).round() / 1000.0,
     };
-    let round2 = |v: f64| (v * 100.0).round() / 100.0;
     // The unread bytes as time: how far behind the relay's sends the
     // clients' reads were, at the rate bytes were delivered.
     let bytes_per_ms = bytes_in_window as f64 / window / 1000.0;

@@ -3,12 +3,13 @@
 //! meters the scenarios use.
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use pgrelay::auth::Authenticator;
 use pgrelay::db::embedded::{PgOptions, PgServer};
-use testkit::process::{free_addr, postgres_cpu_seconds, server_cpu_seconds, RelayProcess};
+use testkit::process::{free_addr, machine_busy_seconds, server_cpu_seconds, RelayProcess};
 use tokio_postgres::{Client, NoTls};
 
 use crate::relay::SECRET;
@@ -46,11 +47,13 @@ impl Env {
         let mut options = PgOptions::for_tests();
         // Durable but not waiting for fsync per commit: this disk's fsync
         // otherwise caps every scenario near 450 commits/s.
-        options.settings = settings(&[]);
-        if standby {
-            // WAL the standby has yet to stream is kept for it.
-            options.settings = settings(&[("wal_keep_size", "512MB")]);
-        }
+        // With a standby, WAL it has yet to stream is kept for it.
+        let keep_wal: &[(&str, &str)] = if standby {
+            &[("wal_keep_size", "512MB")]
+        } else {
+            &[]
+        };
+        options.settings = settings(keep_wal);
         let pg = tokio::task::spawn_blocking(move || PgServer::start(options)).await??;
         let (admin, conn) = tokio_postgres::connect(&pg.url("postgres"), NoTls).await?;
         tokio::spawn(conn);
@@ -110,6 +113,15 @@ impl Env {
         Ok(self.auth.issue(user, Duration::from_secs(3600))?)
     }
 
+    /// A token for each of `users`, in order, shared by the clients.
+    pub fn tokens(&self, users: &[String]) -> anyhow::Result<Arc<[String]>> {
+        Ok(users
+            .iter()
+            .map(|u| self.token(u))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into())
+    }
+
     pub async fn client(&self) -> anyhow::Result<Client> {
         self.client_named("pgrelay_bench").await
     }
@@ -140,20 +152,11 @@ impl Env {
         Ok(())
     }
 
-    /// Starts measuring the CPU the relay and Postgres use from now on.
-    pub fn cpu_meter(&self) -> CpuMeter<'_> {
-        CpuMeter {
-            relay: &self.relay,
-            relay_start: self.relay.cpu_seconds(),
-            postgres_start: postgres_cpu_seconds(),
-        }
-    }
-
     /// Starts measuring the CPU of the relay, of this run's Postgres (the
     /// primary alone, not other servers on the machine), of this bench
     /// process and of the whole machine, from now on.
-    pub fn cpu_split(&self) -> anyhow::Result<CpuSplit<'_>> {
-        Ok(CpuSplit {
+    pub fn cpu_meter(&self) -> anyhow::Result<CpuMeter<'_>> {
+        Ok(CpuMeter {
             env: self,
             start: self.cpu_now()?,
         })
@@ -216,27 +219,10 @@ async fn spawn_relay(
     Ok(RelayProcess::spawn(&mut command, addr).await?)
 }
 
-/// CPU used since [`Env::cpu_meter`] by the relay process and by Postgres.
-pub struct CpuMeter<'a> {
-    relay: &'a RelayProcess,
-    relay_start: f64,
-    postgres_start: f64,
-}
-
-impl CpuMeter<'_> {
-    /// Cores used on average over a window of `seconds`: (relay, Postgres).
-    pub fn cores(&self, seconds: f64) -> (f64, f64) {
-        (
-            (self.relay.cpu_seconds() - self.relay_start) / seconds,
-            (postgres_cpu_seconds() - self.postgres_start) / seconds,
-        )
-    }
-}
-
-/// CPU used since [`Env::cpu_split`], each part apart: on a shared
+/// CPU used since [`Env::cpu_meter`], each part apart: on a shared
 /// machine, what the rest used (`machine` less the three) tells a quiet
 /// run from a contended one.
-pub struct CpuSplit<'a> {
+pub struct CpuMeter<'a> {
     env: &'a Env,
     start: Cores,
 }
@@ -258,7 +244,7 @@ impl Cores {
     }
 }
 
-impl CpuSplit<'_> {
+impl CpuMeter<'_> {
     /// Cores used on average over a window of `seconds`.
     pub fn cores(&self, seconds: f64) -> anyhow::Result<Cores> {
         let now = self.env.cpu_now()?;
@@ -271,29 +257,3 @@ impl CpuSplit<'_> {
         })
     }
 }
-
-/// Busy CPU seconds of the whole machine since boot, from the first line
-/// of `/proc/stat` (user, nice, system, irq, softirq and steal; guest time
-/// is inside user already).
-fn machine_busy_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let line = stat
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("/proc/stat has no cpu line")?;
-    let ticks: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse::<f64>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("unparsable /proc/stat line {line:?}"))?;
-    if ticks.len() < 8 {
-        anyhow::bail!("short /proc/stat line {line:?}");
-    }
-    // user nice system idle iowait irq softirq steal
-    let busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7];
-    Ok(busy / USER_HZ)
-}
-
-/// Linux's USER_HZ, the unit of `/proc/stat`.
-const USER_HZ: f64 = 100.0;

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::env::Env;
 use crate::report::{latency_svg, machine, Outcome};
-use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles, ratio};
+use crate::stats::{latency_histogram, ms_cell, ms_max, percentiles, ratio, round2};
 use crate::subscriber::{self, sent_us};
 
 const INSERT: &str =
@@ -44,7 +44,7 @@ pub async fn run(
     .await?;
     let written = load.written.clone();
     tokio::time::sleep(warmup).await;
-    let cpu = env.cpu_meter();
+    let cpu = env.cpu_meter()?;
     let written0 = written.load(Relaxed);
     shared.measuring.store(true, Relaxed);
     let t0 = Instant::now();
@@ -52,7 +52,8 @@ pub async fn run(
     shared.measuring.store(false, Relaxed);
     let window = t0.elapsed().as_secs_f64();
     let written_window = written.load(Relaxed) - written0;
-    let (cpu_relay, cpu_pg) = cpu.cores(window);
+    let cores = cpu.cores(window)?;
+    let (cpu_relay, cpu_pg) = (cores.relay, cores.postgres);
     // Let the tail arrive, then stop.
     tokio::time::sleep(Duration::from_secs(2)).await;
     shared.stop.cancel();
@@ -78,8 +79,8 @@ pub async fn run(
         "p50_ratio": ratio(relay_h.value_at_quantile(0.5), base_h.value_at_quantile(0.5)),
         "p99_ratio": ratio(relay_h.value_at_quantile(0.99), base_h.value_at_quantile(0.99)),
         "lost": lost, "duplicates": totals.duplicates, "out_of_order": totals.out_of_order,
-        "relay_cpu_cores": (cpu_relay * 100.0).round() / 100.0,
-        "postgres_cpu_cores": (cpu_pg * 100.0).round() / 100.0,
+        "relay_cpu_cores": round2(cpu_relay),
+        "postgres_cpu_cores": round2(cpu_pg),
         "machine": machine(),
     });
     let markdown = format!(

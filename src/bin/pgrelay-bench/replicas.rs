@@ -17,7 +17,7 @@ use crate::env::Env;
 use crate::relay::Limits;
 use crate::report::{machine, Outcome};
 use crate::saturation::{Writers, ROWS_PER_STATEMENT};
-use crate::stats::ms_cell;
+use crate::stats::{ms_cell, round2};
 use crate::subscriber;
 
 /// What the scenario is asked to do (its command-line options).
@@ -97,9 +97,9 @@ pub async fn run(env: &Env, opts: &Options) -> anyhow::Result<Outcome> {
         "projects": opts.projects, "writers": opts.writers, "seconds": opts.seconds,
         "events_per_s": events_s.round(),
         "deliveries_per_s": deliveries_s.round(),
-        "primary_cpu_cores": (primary_cores * 100.0).round() / 100.0,
-        "standby_cpu_cores": (standby_cores * 100.0).round() / 100.0,
-        "primary_cpu_us_per_delivery": (per_delivery * 100.0).round() / 100.0,
+        "primary_cpu_cores": round2(primary_cores),
+        "standby_cpu_cores": round2(standby_cores),
+        "primary_cpu_us_per_delivery": round2(per_delivery),
         "primary_cpu_us_per_event": (per_event * 10.0).round() / 10.0,
         "log_reads": log_reads, "replica_reads": replica_reads, "replica_fallbacks": fallbacks,
         "lost": lost, "duplicates": totals.duplicates, "out_of_order": totals.out_of_order,

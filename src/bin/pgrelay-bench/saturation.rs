@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::env::Env;
 use crate::report::{machine, Outcome};
-use crate::stats::{ms_cell, percentiles};
+use crate::stats::{ms_cell, percentiles, round2};
 use crate::subscriber;
 
 /// Several rows per statement, so that the relay, not the writers' commit
@@ -33,7 +33,7 @@ pub async fn run(
     let load = Writers::start(env, writers, projects, Duration::from_secs(seconds + 2)).await?;
     let written = load.written.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cpu = env.cpu_meter();
+    let cpu = env.cpu_meter()?;
     let written0 = written.load(Relaxed);
     shared.measuring.store(true, Relaxed);
     let t0 = Instant::now();
@@ -42,7 +42,8 @@ pub async fn run(
     let window = t0.elapsed().as_secs_f64();
     let deliveries = shared.delivered.load(Relaxed) as f64 / window;
     let events = (written.load(Relaxed) - written0) as f64 / window;
-    let (cpu_relay, cpu_pg) = cpu.cores(window);
+    let cores = cpu.cores(window)?;
+    let (cpu_relay, cpu_pg) = (cores.relay, cores.postgres);
     load.join().await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     shared.stop.cancel();
@@ -55,8 +56,8 @@ pub async fn run(
         "seconds": seconds, "events_per_s": events.round(), "deliveries_per_s": deliveries.round(),
         "latency_under_saturation": percentiles(&h),
         "duplicates": dups, "out_of_order": ooo,
-        "relay_cpu_cores": (cpu_relay * 100.0).round() / 100.0,
-        "postgres_cpu_cores": (cpu_pg * 100.0).round() / 100.0,
+        "relay_cpu_cores": round2(cpu_relay),
+        "postgres_cpu_cores": round2(cpu_pg),
         "machine": machine(),
     });
     let markdown = format!(

@@ -24,7 +24,12 @@ pub fn ratio(a: u64, b: u64) -> f64 {
     if b == 0 {
         return 0.0;
     }
-    ((a as f64 / b as f64) * 100.0).round() / 100.0
+    round2(a as f64 / b as f64)
+}
+
+/// `v` to two decimals, as the results report seconds, cores and KiB.
+pub fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
 }
 
 /// A quantile in milliseconds, for a Markdown table cell.

@@ -483,7 +483,7 @@ async fn phase(
     // A second of warm-up, then the window.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let end = Instant::now() + Duration::from_secs(secs);
-    let cpu = env.cpu_meter();
+    let cpu = env.cpu_meter()?;
     let relay2_cpu = relay2.cpu_seconds();
     let (acked0, recv0) = (
         acked.load(Relaxed),
@@ -535,9 +535,9 @@ async fn phase(
         // Two receivers on each relay.
         result.received_per_s[k] = (received[k].load(Relaxed) - recv0[k]) as f64 / window / 2.0;
     }
-    let (relay_cores, pg_cores) = cpu.cores(window);
-    result.relay_cores = relay_cores;
-    result.postgres_cores = pg_cores;
+    let cores = cpu.cores(window)?;
+    result.relay_cores = cores.relay;
+    result.postgres_cores = cores.postgres;
     result.relay2_cores = (relay2.cpu_seconds() - relay2_cpu) / window;
     result.dropped = dropped(env.addr()).await? + dropped(relay2.addr).await? - dropped0;
     stop.cancel();
