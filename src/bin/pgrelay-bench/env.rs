@@ -1,6 +1,6 @@
 //! What every scenario runs against: a private Postgres with a migrated
-//! `bench` database and a relay process, plus the database clients and CPU
-//! meters the scenarios use.
+//! `bench` database and a relay process, plus the database clients and the
+//! CPU meter the scenarios use.
 
 use std::process::Command;
 use std::sync::Arc;

@@ -15,11 +15,11 @@
 //! # Layout
 //!
 //! - One file per scenario: [`latency`], [`saturation`], [`connections`],
-//!   [`crowded`] (a crowded project and a spread load), [`write_cost`], [`stalled`], [`signals`] (broadcast and presence,
-//!   G9), [`replicas`] (log reads from a hot standby); each returns a
-//!   [`report::Outcome`].
+//!   [`crowded`] (a crowded project and a spread load), [`write_cost`],
+//!   [`stalled`], [`signals`] (broadcast and presence, G9), [`replicas`]
+//!   (log reads from a hot standby); each returns a [`report::Outcome`].
 //! - What they share: [`env`] (the private Postgres, the relay process,
-//!   database clients, CPU meters), [`subscriber`] (a WebSocket subscriber
+//!   database clients, the CPU meter), [`subscriber`] (a WebSocket subscriber
 //!   that records latency and order), [`lightws`] (the lightest client
 //!   that holds or reads a subscription, for crowds), [`loopback`] (source
 //!   addresses and open files for crowds), [`stats`] (histograms and
